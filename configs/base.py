@@ -1,0 +1,139 @@
+"""Every field the framework reads, with the Fashion-MNIST defaults.
+
+Experiment files import `get_base_config()` and override what differs; the
+trainer never invents a default of its own. Durations carry their unit in the
+name (`_epochs`, `_steps`, `_examples`).
+"""
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def get_base_config() -> config_dict.ConfigDict:
+  """The default experiment: a small ResNet on Fashion-MNIST, growing B."""
+  config = config_dict.ConfigDict()
+  config.seed = 0
+
+  config.dataset = config_dict.ConfigDict(dict(
+      # A TFDS name ('fashion_mnist', 'cifar10', 'imagenet2012') or 'synthetic'.
+      name="fashion_mnist",
+      # 'auto': TFDS when prepared in data_dir, else the IDX files (Fashion-MNIST
+      # only); 'tfds', 'idx' or 'synthetic' force one source.
+      source="auto",
+      data_dir=placeholder(str),  # TFDS data_dir; None = TFDS's default.
+      idx_dir=FASHION_MNIST_IDX_DIR,  # Debian's dataset-fashion-mnist files.
+      train_split="train",
+      eval_split="test",
+      # N of the paper's noise scale: the first N examples of the train split.
+      num_train_examples=60_000,
+      num_eval_examples=10_000,  # Used by the synthetic source only.
+      num_classes=10,
+      image_size=28,  # Side of the square image the model sees (pixels).
+      channels=1,
+      mean=(0.2860,),  # Per-channel normalisation on [0, 1] pixels.
+      std=(0.3530,),
+      # 'none' | 'pad_crop_flip' (CIFAR style) | 'inception' (ImageNet style).
+      augment="pad_crop_flip",
+      crop_padding=4,  # Pixels of padding for 'pad_crop_flip'.
+      random_flip=True,
+      prefetch_batches=2,  # Batches prepared ahead of the step, per process.
+      num_workers=1,  # Host threads decoding and augmenting.
+  ))
+
+  config.model = config_dict.ConfigDict(dict(
+      name="small_resnet",  # 'small_resnet' | 'wide_resnet' | 'resnet50' | ...
+      width=16,  # Channels of the first stage.
+      depth=16,  # Used by wide_resnet only (16 for WRN-16-4).
+      widen_factor=4,  # Used by wide_resnet only.
+      dtype="float32",  # Compute dtype; parameters stay float32.
+  ))
+  # Batch norm statistics are taken over groups of this many examples, in
+  # every stage, so their noise does not shrink as the global batch grows.
+  config.ghost_batch_size = 16
+  # Running averages forget at a per-example rate: an example's weight
+  # decays by `bn_momentum` every `bn_momentum_examples` examples.
+  config.bn_momentum = 0.9
+  config.bn_momentum_examples = 128
+  # Largest per-device share computed at once; a larger share is split into
+  # micro-batches whose gradients are accumulated inside one step.
+  config.max_device_batch = 256
+
+  config.optimizer = config_dict.ConfigDict(dict(
+      name="momentum",  # 'sgd' | 'momentum' | 'nesterov' | 'adam'
+      weight_decay=5e-4,
+      adam_b2=0.999,
+      adam_eps=1e-8,
+  ))
+
+  config.schedule = config_dict.ConfigDict(dict(
+      # 'decay_lr' | 'increase_batch' | 'hybrid'
+      kind="increase_batch",
+      num_epochs=10.0,
+      milestones_epochs=(4.0, 7.0, 9.0),
+      # The noise scale g falls by this factor at every milestone.
+      decay_factor=2.0,
+      # B0 (examples). With the reference_* fields set, B0 is instead
+      # batch_size * (learning_rate / reference_learning_rate)
+      #            * (1 - reference_momentum) / (1 - momentum),
+      # the paper's B ∝ ε/(1-m) at constant noise scale.
+      batch_size=128,
+      learning_rate=0.1,  # ε after warm-up, at B0.
+      momentum=0.9,
+      reference_learning_rate=placeholder(float),
+      reference_momentum=placeholder(float),
+      # Linear scaling rule: ε = learning_rate * B0 / linear_scaling_batch.
+      linear_scaling_batch=placeholder(int),
+      # Cap on the global batch (examples); hybrid decays ε once B reaches it.
+      max_batch=placeholder(int),
+      warmup_epochs=0.0,
+  ))
+
+  config.eval_every_epochs = 1.0
+  config.log_every_steps = 20
+  return config
+
+
+def check_variant(variant: str | None, known=("smoke",)) -> bool:
+  """True for the smoke variant; rejects unknown `config.py:<variant>` args."""
+  if variant in (None, ""):
+    return False
+  if variant not in known:
+    raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(known)}")
+  return True
+
+
+def shrink_for_smoke(config, *, batch_size: int, max_batch: int | None = None,
+                     synthetic: bool = True) -> None:
+  """Shrinks `config` in place to a run of well under a minute on 2 CPU cores.
+
+  Keeps the schedule kind and the number of milestones; batch sizes, epochs
+  and the model become tiny. Ghost batches of 8 on 8 virtual devices need
+  global batches that are multiples of 64.
+  """
+  config.dataset.num_train_examples = 2048
+  config.dataset.num_eval_examples = 512
+  if synthetic:
+    config.dataset.source = "synthetic"
+    config.dataset.image_size = 16
+    config.dataset.augment = "pad_crop_flip"
+    config.dataset.crop_padding = 2
+  config.model.name = "small_resnet"
+  config.model.width = 8
+  config.model.dtype = "float32"
+  config.ghost_batch_size = 8
+  config.max_device_batch = 64
+  s = config.schedule
+  milestones = len(s.milestones_epochs)
+  s.num_epochs = float(milestones + 1)
+  s.milestones_epochs = tuple(float(i + 1) for i in range(milestones))
+  s.decay_factor = 2.0
+  s.batch_size = batch_size
+  s.reference_learning_rate = None
+  s.reference_momentum = None
+  s.linear_scaling_batch = None
+  s.max_batch = max_batch
+  s.warmup_epochs = min(s.warmup_epochs, 0.5)
+  config.eval_every_epochs = 1.0
+  config.log_every_steps = 5
