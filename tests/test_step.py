@@ -1,0 +1,169 @@
+"""The pure train step: device-count and micro-batch equivalence, HLO, errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import models
+from configs import base
+from trainer import compile as compile_lib
+from trainer import loop
+from trainer import mesh as mesh_lib
+from trainer import optimizer as optimizer_lib
+from trainer import step as step_lib
+
+B = 64
+
+
+def tiny_config():
+  config = base.get_base_config()
+  base.shrink_for_smoke(config, batch_size=B)
+  config.model.width = 4
+  return config
+
+
+def data(num_steps, seed=0):
+  """Batches whose label is readable from the image, so the loss falls."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(num_steps):
+    labels = rng.integers(0, 10, B).astype(np.int32)
+    images = rng.normal(size=(B, 16, 16, 1)).astype(np.float32)
+    images[..., 0] += labels[:, None, None] - 4.5
+    out.append(dict(image=images, label=labels))
+  return out
+
+
+def train(mesh, max_device_batch, num_steps=6, optimizer="momentum"):
+  config = tiny_config()
+  config.optimizer.name = optimizer
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  state = loop.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  k = compile_lib.micro_batches(B, mesh.size, max_device_batch, 8)
+  step = jax.jit(
+      functools.partial(step_lib.train_step, model=model, tx=tx,
+                        num_devices=mesh.size, num_micro_batches=k),
+      in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh),
+                    mesh_lib.replicated(mesh)),
+      out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)))
+  hyper = dict(learning_rate=jnp.float32(0.1), momentum=jnp.float32(0.9),
+               bn_decay=jnp.float32(0.5))
+  losses = []
+  for batch in data(num_steps):
+    state, metrics = step(state, mesh_lib.global_batch(batch, mesh), hyper)
+    losses.append(float(metrics["train_loss"]))
+  return k, losses, jax.device_get(state)
+
+
+def one_device_mesh():
+  return Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """6 steps on one device, no micro-batching."""
+  return train(one_device_mesh(), max_device_batch=64)
+
+
+def assert_same_training(a, b):
+  np.testing.assert_allclose(a[1], b[1], rtol=2e-5)
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6),
+      a[2].params, b[2].params)
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6),
+      a[2].batch_stats, b[2].batch_stats)
+
+
+def test_loss_falls(reference):
+  k, losses, state = reference
+  assert k == 1
+  assert losses[-1] < losses[0]
+  assert int(state.step) == 6
+
+
+def test_eight_devices_match_one(reference):
+  assert_same_training(reference, train(mesh_lib.make_mesh(), max_device_batch=8))
+
+
+@pytest.mark.parametrize("max_device_batch,k", [(32, 2), (16, 4)])
+def test_micro_batches_match_whole_batch(reference, max_device_batch, k):
+  result = train(one_device_mesh(), max_device_batch=max_device_batch)
+  assert result[0] == k
+  assert_same_training(reference, result)
+
+
+def test_micro_batches_on_eight_devices_match(reference):
+  # 64 over 8 devices = 8 per device; ghost 8 forbids splitting further, so
+  # use a 2-device mesh: 32 per device in 4 micro-batches of 8.
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  result = train(mesh, max_device_batch=8)
+  assert result[0] == 4
+  assert_same_training(reference, result)
+
+
+def test_momentum_change_takes_effect():
+  config = tiny_config()
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  params = {"w": jnp.ones((2, 2))}
+  state = tx.init(params)
+  grads = {"w": jnp.ones((2, 2))}
+  for m in (0.9, 0.0):
+    state = optimizer_lib.set_hyperparams(state, learning_rate=1.0, momentum=m)
+    updates, state = tx.update(grads, state, params)
+  # Trace: t1 = g + wd*w; t2 = 0 * t1 + (g + wd*w): m=0 forgets t1.
+  np.testing.assert_allclose(updates["w"], -(1 + 5e-4) * np.ones((2, 2)),
+                             rtol=1e-6)
+
+
+def test_compiled_step_moves_no_batch_data_between_devices():
+  mesh = mesh_lib.make_mesh()
+  config = tiny_config()
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  state = jax.eval_shape(lambda: loop.create_train_state(
+      config, model, tx, mesh, jax.random.PRNGKey(0)))
+  state = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=mesh_lib.replicated(mesh)), state)
+  compiled = {}
+  compiler = compile_lib.StepCompiler(
+      mesh=mesh, model=model, tx=tx, abstract_state=state,
+      image_shape=(16, 16, 1), max_device_batch=16, ghost_batch_size=8,
+      on_compiled=lambda b, k, s: compiled.setdefault(b, k))
+  text = compiler.compile(256).as_text()  # 32 per device, 2 micro-batches.
+  assert compiled == {256: 2}
+  assert "all-reduce" in text
+  for op in ("all-gather", "all-to-all", "collective-permute"):
+    assert op not in text, op
+
+
+BAD_MICRO = [
+    (dict(batch_size=64, num_devices=8, max_device_batch=12, ghost_batch_size=8),
+     "max_device_batch=12 is not a multiple of ghost_batch_size=8"),
+    (dict(batch_size=64, num_devices=8, max_device_batch=0, ghost_batch_size=8),
+     "max_device_batch=0 must be positive"),
+    (dict(batch_size=64, num_devices=8, max_device_batch=16, ghost_batch_size=16),
+     "ghost_batch_size=16 is larger than the per-device batch 8"),
+    (dict(batch_size=384, num_devices=8, max_device_batch=32, ghost_batch_size=8),
+     "max_device_batch=32 does not divide the per-device batch 48"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_MICRO)
+def test_bad_micro_batching_is_refused(kwargs, message):
+  with pytest.raises(compile_lib.ConfigError, match=message):
+    compile_lib.micro_batches(**kwargs)
+
+
+def test_micro_batch_counts():
+  assert compile_lib.micro_batches(64, 8, 8, 8) == 1
+  assert compile_lib.micro_batches(512, 8, 16, 8) == 4
+  assert compile_lib.micro_batches(512, 1, 512, 8) == 1

@@ -1,0 +1,236 @@
+"""train_and_evaluate: the loop that follows the plan by examples seen."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import input_pipeline
+import models
+from trainer import checkpoint as checkpoint_lib
+from trainer import compile as compile_lib
+from trainer import mesh as mesh_lib
+from trainer import metrics as metrics_lib
+from trainer import optimizer as optimizer_lib
+from trainer import plan as plan_lib
+from trainer import step as step_lib
+from trainer import workdir as workdir_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def create_train_state(config, model, tx, mesh, rng):
+  """The initial TrainState, created directly with replicated sharding."""
+  d = config.dataset
+  dummy = jnp.zeros((config.ghost_batch_size, d.image_size, d.image_size,
+                     d.channels), jnp.float32)
+
+  def init(rng):
+    variables = model.init(rng, dummy, train=False)
+    params = variables["params"]
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               batch_stats=variables["batch_stats"],
+                               opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(rng)
+
+
+def _scalar(value, sharding):
+  return jax.device_put(np.float32(value), sharding)
+
+
+@dataclasses.dataclass
+class _Clock:
+  """Examples/s over the window since the last log line."""
+  start: float
+  examples: int
+
+  def rate(self, examples_seen: int) -> float:
+    elapsed = time.perf_counter() - self.start
+    return (examples_seen - self.examples) / max(elapsed, 1e-9)
+
+  def reset(self, examples_seen: int) -> None:
+    self.start, self.examples = time.perf_counter(), examples_seen
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def evaluate(state, eval_fn, config, mesh) -> dict:
+  """Loss and accuracy over the whole eval split (padding masked out)."""
+  totals = dict(loss_sum=0.0, correct_sum=0.0, count=0.0)
+  for batch in input_pipeline.eval_batches(
+      config, config.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    out = jax.device_get(eval_fn(state, mesh_lib.global_batch(batch, mesh)))
+    for k in totals:
+      totals[k] += float(out[k])
+  count = max(totals["count"], 1.0)
+  return dict(eval_loss=totals["loss_sum"] / count,
+              eval_accuracy=totals["correct_sum"] / count,
+              eval_examples=int(totals["count"]))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the final record: step, examples_seen and the last evaluation.
+  """
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh()
+  plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
+  if is_chief:
+    workdir_lib.record_config(workdir, config)
+  _check_eval_batch(config, mesh.size)
+  compile_lib.enable_compilation_cache(
+      config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"))
+
+  model = models.create_model(config)
+  first = plan.stages[0]
+  tx = optimizer_lib.make_optimizer(config.optimizer,
+                                    learning_rate=first.learning_rate,
+                                    momentum=first.momentum)
+  replicated = mesh_lib.replicated(mesh)
+  state = create_train_state(config, model, tx, mesh,
+                             jax.random.PRNGKey(config.seed))
+  checkpoints = checkpoint_lib.Checkpointer(
+      workdir, every_steps=config.checkpoint_every_steps,
+      max_to_keep=config.checkpoints_to_keep)
+  examples_seen = 0
+  restored = checkpoints.restore(state)
+  if restored is not None:
+    state, meta = restored
+    examples_seen = int(meta["examples_seen"])
+    logging.info("resumed at step %d, %d examples seen", int(state.step),
+                 examples_seen)
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
+  d = config.dataset
+  compiler = compile_lib.StepCompiler(
+      mesh=mesh, model=model, tx=tx, abstract_state=state,
+      image_shape=(d.image_size, d.image_size, d.channels),
+      max_device_batch=config.max_device_batch,
+      ghost_batch_size=config.ghost_batch_size,
+      on_compiled=lambda b, k, s: writer.write(
+          "compile", int(state.step), batch_size=b, micro_batches=k,
+          compile_seconds=s))
+  compiler.check(plan.batch_sizes)
+  eval_fn = jax.jit(
+      lambda st, b: step_lib.eval_step(st, b, model=model),
+      in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
+      out_shardings=replicated)
+  if is_chief:
+    print(plan.table(), flush=True)
+    print(f"{jax.process_count()} process(es), {mesh.size} devices; "
+          f"workdir {os.path.abspath(workdir)}", flush=True)
+
+  try:
+    final = _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
+                 checkpoints, writer, is_chief)
+  finally:
+    compiler.close()
+    checkpoints.close()
+    writer.close()
+  if is_chief:
+    print(f"done: metrics in {writer.path}, checkpoints in "
+          f"{checkpoints.directory}", flush=True)
+  return final
+
+
+def _check_eval_batch(config, num_devices):
+  b = config.eval_batch_size
+  if b <= 0 or b % num_devices:
+    raise compile_lib.ConfigError(
+        f"eval_batch_size={b} must be a positive multiple of the device "
+        f"count {num_devices}")
+
+
+def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
+         checkpoints, writer, is_chief):
+  n = plan.num_train_examples
+  replicated = mesh_lib.replicated(mesh)
+  eval_every = max(1, round(config.eval_every_epochs * n))
+  next_eval = (examples_seen // eval_every + 1) * eval_every
+  sizes = [s.batch_size for s in plan.stages
+           if s.end_examples > examples_seen]
+  compiler.start(list(dict.fromkeys(sizes)))
+  clock = _Clock(time.perf_counter(), examples_seen)
+  last_eval = {}
+  stream = input_pipeline.train_batches(
+      config, plan, start_examples=examples_seen,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  try:
+    for local in stream:
+      pos = plan.at(local["examples_seen"])
+      stage = plan.stages[pos.stage]
+      step_fn = compiler.get(pos.batch_size)
+      hyper = dict(
+          learning_rate=_scalar(pos.learning_rate, replicated),
+          momentum=_scalar(pos.momentum, replicated),
+          bn_decay=_scalar(models.running_stats_decay(
+              pos.batch_size, config.bn_momentum,
+              config.bn_momentum_examples), replicated))
+      start = time.perf_counter()
+      state, metrics = step_fn(state, mesh_lib.global_batch(local, mesh), hyper)
+      # Waiting for each step keeps one step in flight; on CPU meshes two
+      # in-flight steps can deadlock XLA's in-process all-reduce.
+      metrics = jax.device_get(metrics)
+      step_time = time.perf_counter() - start
+      examples_seen = pos.examples_seen + pos.batch_size
+      step = pos.step + 1
+      if not math.isfinite(float(metrics["train_loss"])):
+        raise TrainingDiverged(
+            f"non-finite loss {float(metrics['train_loss'])} at step {step} "
+            f"(stage {pos.stage}, B={pos.batch_size}); last checkpoint: step "
+            f"{checkpoints.latest_step()} in {checkpoints.directory}")
+      stage_end = examples_seen >= stage.end_examples
+      if step % config.log_every_steps == 0 or stage_end:
+        rate = clock.rate(examples_seen)
+        clock.reset(examples_seen)
+        record = dict(
+            examples_seen=examples_seen, epoch=examples_seen / n,
+            stage=pos.stage, batch_size=pos.batch_size,
+            learning_rate=pos.learning_rate, momentum=pos.momentum,
+            noise_scale=pos.noise_scale,
+            **{k: float(v) for k, v in metrics.items()},
+            examples_per_second=rate, step_time=step_time)
+        writer.write("train", step, **record)
+        if is_chief:
+          eta = (plan.total_examples - examples_seen) / max(rate, 1e-9)
+          print(f"step {step}/{plan.total_updates} epoch {examples_seen / n:.2f} "
+                f"stage {pos.stage} B={pos.batch_size} lr={pos.learning_rate:.4g} "
+                f"loss {record['train_loss']:.4f} "
+                f"acc {record['train_accuracy']:.3f} {rate:,.0f} ex/s "
+                f"ETA {_format_eta(eta)}", flush=True)
+      done = examples_seen >= plan.total_examples
+      if examples_seen >= next_eval or done:
+        next_eval = (examples_seen // eval_every + 1) * eval_every
+        last_eval = evaluate(state, eval_fn, config, mesh)
+        writer.write("eval", step, examples_seen=examples_seen,
+                     epoch=examples_seen / n, **last_eval)
+        if is_chief:
+          print(f"eval at epoch {examples_seen / n:.2f}: "
+                f"loss {last_eval['eval_loss']:.4f} "
+                f"accuracy {last_eval['eval_accuracy']:.4f}", flush=True)
+        clock.reset(examples_seen)  # Evaluation time is not training time.
+      meta = dict(examples_seen=examples_seen, step=step, stage=pos.stage)
+      checkpoints.maybe_save(step, state, meta, force=stage_end or done)
+  finally:
+    close = getattr(stream, "close", None)
+    if close:
+      close()
+  return dict(step=int(state.step), examples_seen=examples_seen, **last_eval)

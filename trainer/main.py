@@ -1,0 +1,28 @@
+"""Train and evaluate one experiment.
+
+    python -m trainer.main --config=configs/fashion_mnist.py --workdir=/tmp/fm \
+        [--config.schedule.decay_factor=4 ...]
+
+Resumes from the workdir's latest checkpoint when there is one.
+"""
+from absl import flags
+
+from trainer import cli
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+
+
+def main(argv):
+  del argv
+  config = cli.config()
+  if not cli.FLAGS.workdir:
+    cli.fail("--workdir is required")
+  from trainer import loop  # Imports JAX; after the cheap checks.
+  try:
+    cli.run_or_exit(loop.train_and_evaluate, config, cli.FLAGS.workdir)
+  except loop.TrainingDiverged as e:
+    cli.fail(str(e))
+
+
+if __name__ == "__main__":
+  cli.run(main)

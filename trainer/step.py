@@ -1,0 +1,122 @@
+"""The pure train and eval steps.
+
+`train_step(state, batch, hyper, *, model, tx, ...)` takes the replicated
+state, a global batch sharded on the mesh's `data` axis and the plan's scalars
+for this step, and returns the new state and metrics. Nothing else is read:
+the function is tested directly, and `trainer/compile.py` jits it once per
+stage shape.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from models import update_running_stats
+from trainer import optimizer as optimizer_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # Parameter updates done (int32).
+  params: Any
+  batch_stats: Any  # Ghost batch norm running mean/var, for evaluation.
+  opt_state: Any
+
+
+def cross_entropy(logits, labels):
+  """Mean softmax cross entropy over the batch, integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _split_micro_batches(x, num_devices: int, num_micro_batches: int):
+  """[B, ...] → [k, B/k, ...], micro-batch j taking rows j·b:(j+1)·b of
+  every device's share, so no example leaves its device."""
+  if num_micro_batches == 1:
+    return x[None]
+  b = x.shape[0] // (num_devices * num_micro_batches)
+  x = x.reshape(num_devices, num_micro_batches, b, *x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape(num_micro_batches, num_devices * b, *x.shape[3:])
+
+
+def train_step(state: TrainState, batch, hyper, *, model, tx,
+               num_devices: int = 1, num_micro_batches: int = 1):
+  """One update on a global batch.
+
+  Args:
+    state: TrainState, replicated.
+    batch: dict with `image` [B, H, W, C] float32 and `label` [B] int32,
+      sharded over devices along B.
+    hyper: dict of scalars from the plan: `learning_rate` (ε), `momentum` (m)
+      and `bn_decay`, the running-statistics decay for this step's B.
+    model: a flax module with ghost batch norm (models/).
+    tx: the optax transform of trainer/optimizer.py.
+    num_devices: devices the batch is sharded over (static).
+    num_micro_batches: the per-device share is split into this many
+      micro-batches whose gradients are averaged before one update (static).
+
+  Returns:
+    (new_state, metrics) with metrics `train_loss`, `train_accuracy` and
+    `grad_norm` (the global gradient's L2 norm).
+  """
+  images = _split_micro_batches(batch["image"], num_devices, num_micro_batches)
+  labels = _split_micro_batches(batch["label"], num_devices, num_micro_batches)
+
+  def loss_fn(params, micro_images, micro_labels):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, micro_images,
+        train=True, mutable=["batch_stats"])
+    loss = cross_entropy(logits, micro_labels)
+    correct = jnp.mean(jnp.argmax(logits, -1) == micro_labels)
+    return loss, (correct, updates["batch_stats"])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro_step(carry, xs):
+    grads, loss, correct, stats = carry
+    (l, (c, s)), g = grad_fn(state.params, *xs)
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+    return (add(grads, g), loss + l, correct + c, add(stats, s)), None
+
+  zeros = lambda tree: jax.tree_util.tree_map(
+      lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  init = (zeros(state.params), 0.0, 0.0, zeros(state.batch_stats))
+  (grads, loss, correct, stats), _ = jax.lax.scan(micro_step, init,
+                                                  (images, labels))
+  k = float(num_micro_batches)
+  mean = lambda tree: jax.tree_util.tree_map(lambda x: x / k, tree)
+  grads, stats = mean(grads), mean(stats)
+
+  opt_state = optimizer_lib.set_hyperparams(
+      state.opt_state, learning_rate=hyper["learning_rate"],
+      momentum=hyper["momentum"])
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=update_running_stats(state.batch_stats, stats,
+                                       hyper["bn_decay"]),
+      opt_state=opt_state)
+  metrics = dict(train_loss=loss / k, train_accuracy=correct / k,
+                 grad_norm=optax.tree.norm(grads))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model):
+  """Sums over a padded eval batch; `mask` 0 marks padding.
+
+  Returns dict of `loss_sum`, `correct_sum` and `count` (examples scored).
+  """
+  logits = model.apply({"params": state.params,
+                        "batch_stats": state.batch_stats},
+                       batch["image"], train=False)
+  mask = batch["mask"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  return dict(loss_sum=jnp.sum(losses * mask),
+              correct_sum=jnp.sum(correct * mask), count=jnp.sum(mask))
