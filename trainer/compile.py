@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import logging
 import time
 from typing import Callable
 
@@ -98,13 +97,13 @@ class StepCompiler:
     start = time.perf_counter()
     compiled = fn.lower(self._state, batch, hyper).compile()
     seconds = time.perf_counter() - start
-    logging.info("compiled train step for B=%d (%d micro-batches) in %.1fs",
-                 batch_size, k, seconds)
     self._on_compiled(batch_size, k, seconds)
     return compiled
 
   def start(self, batch_sizes) -> None:
     """Compiles the first size now and queues the rest in the background."""
+    if not batch_sizes:
+      return
     first, *rest = batch_sizes
     done = concurrent.futures.Future()
     done.set_result(self.compile(first))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import math
 import os
 import time
@@ -115,19 +115,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if restored is not None:
     state, meta = restored
     examples_seen = int(meta["examples_seen"])
-    logging.info("resumed at step %d, %d examples seen", int(state.step),
-                 examples_seen)
+    if is_chief:
+      print(f"resumed from step {int(state.step)} ({examples_seen} examples "
+            f"seen) in {checkpoints.directory}", flush=True)
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
   d = config.dataset
+  start_step = int(state.step)
+  abstract_state = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state)
   compiler = compile_lib.StepCompiler(
-      mesh=mesh, model=model, tx=tx, abstract_state=state,
+      mesh=mesh, model=model, tx=tx, abstract_state=abstract_state,
       image_shape=(d.image_size, d.image_size, d.channels),
       max_device_batch=config.max_device_batch,
       ghost_batch_size=config.ghost_batch_size,
-      on_compiled=lambda b, k, s: writer.write(
-          "compile", int(state.step), batch_size=b, micro_batches=k,
-          compile_seconds=s))
+      on_compiled=functools.partial(_record_compile, writer, start_step,
+                                    is_chief))
   compiler.check(plan.batch_sizes)
   eval_fn = jax.jit(
       lambda st, b: step_lib.eval_step(st, b, model=model),
@@ -151,6 +155,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return final
 
 
+def _record_compile(writer, step, is_chief, batch_size, micro_batches, seconds):
+  writer.write("compile", step, batch_size=batch_size,
+               micro_batches=micro_batches, compile_seconds=seconds)
+  if is_chief:
+    print(f"compiled the train step for B={batch_size} ({micro_batches} "
+          f"micro-batch(es)) in {seconds:.1f}s", flush=True)
+
+
 def _check_eval_batch(config, num_devices):
   b = config.eval_batch_size
   if b <= 0 or b % num_devices:
@@ -170,10 +182,10 @@ def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
   compiler.start(list(dict.fromkeys(sizes)))
   clock = _Clock(time.perf_counter(), examples_seen)
   last_eval = {}
-  stream = input_pipeline.train_batches(
+  with input_pipeline.train_batches(
       config, plan, start_examples=examples_seen,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  try:
+      process_index=jax.process_index(),
+      process_count=jax.process_count()) as stream:
     for local in stream:
       pos = plan.at(local["examples_seen"])
       stage = plan.stages[pos.stage]
@@ -229,8 +241,4 @@ def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
         clock.reset(examples_seen)  # Evaluation time is not training time.
       meta = dict(examples_seen=examples_seen, step=step, stage=pos.stage)
       checkpoints.maybe_save(step, state, meta, force=stage_end or done)
-  finally:
-    close = getattr(stream, "close", None)
-    if close:
-      close()
   return dict(step=int(state.step), examples_seen=examples_seen, **last_eval)

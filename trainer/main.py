@@ -6,6 +6,7 @@
 Resumes from the workdir's latest checkpoint when there is one.
 """
 from absl import flags
+from absl import logging
 
 from trainer import cli
 
@@ -14,6 +15,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   config = cli.config()
   if not cli.FLAGS.workdir:
     cli.fail("--workdir is required")

@@ -1,0 +1,90 @@
+"""End to end on CPU: a tiny multi-stage run follows its plan and resumes."""
+import os
+
+import jax
+import pytest
+
+from configs import cifar10_increase_batch
+from trainer import loop
+from trainer import metrics as metrics_lib
+from trainer import plan as plan_lib
+from trainer import workdir as workdir_lib
+
+
+def tiny_config():
+  config = cifar10_increase_batch.get_config("smoke")
+  config.dataset.num_train_examples = 1024
+  config.dataset.num_eval_examples = 200  # Not a multiple of the eval batch.
+  config.eval_batch_size = 64
+  config.model.width = 4
+  config.schedule.milestones_epochs = (1.0, 2.0)
+  config.schedule.num_epochs = 3.0
+  config.checkpoint_every_steps = 10
+  config.log_every_steps = 4
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = tiny_config()
+  final = loop.train_and_evaluate(config, workdir)
+  return config, workdir, final
+
+
+def test_run_follows_the_plan(run):
+  config, workdir, final = run
+  plan = plan_lib.plan_from_config(config, num_devices=jax.device_count())
+  assert [s.batch_size for s in plan.stages] == [64, 128, 256]
+  assert final["step"] == plan.total_updates == 16 + 8 + 4
+  assert final["examples_seen"] == plan.total_examples
+  train = metrics_lib.read_metrics(workdir, "train")
+  assert train[-1]["step"] == plan.total_updates
+  assert {r["batch_size"] for r in train} == {64, 128, 256}
+  for r in train:  # Every logged step reports what the plan fixed for it.
+    pos = plan.at_step(r["step"] - 1)
+    assert (r["stage"], r["batch_size"]) == (pos.stage, pos.batch_size)
+    assert r["learning_rate"] == pytest.approx(pos.learning_rate)
+    assert r["noise_scale"] == pytest.approx(pos.noise_scale)
+    assert r["examples_per_second"] > 0 and r["step_time"] > 0
+  assert train[-1]["train_loss"] < train[0]["train_loss"]
+
+
+def test_one_compile_per_batch_size(run):
+  _, workdir, _ = run
+  compiles = metrics_lib.read_metrics(workdir, "compile")
+  assert sorted(r["batch_size"] for r in compiles) == [64, 128, 256]
+  assert all(r["compile_seconds"] > 0 for r in compiles)
+
+
+def test_eval_scores_the_whole_split_each_epoch(run):
+  _, workdir, final = run
+  evals = metrics_lib.read_metrics(workdir, "eval")
+  assert [round(r["epoch"]) for r in evals] == [1, 2, 3]
+  assert all(r["eval_examples"] == 200 for r in evals)
+  assert final["eval_accuracy"] == evals[-1]["eval_accuracy"]
+  assert evals[-1]["eval_accuracy"] > 0.2  # Synthetic labels are learnable.
+
+
+def test_checkpoints_at_stage_ends_and_interval(run):
+  _, workdir, _ = run
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if d.isdigit())
+  # Stage ends at 16, 24, 28 (the last); interval 10 → 10, 20; keep last 3.
+  assert steps == [20, 24, 28]
+
+
+def test_rerun_of_a_finished_run_trains_nothing(run):
+  config, workdir, final = run
+  again = loop.train_and_evaluate(config, workdir)
+  assert again["step"] == final["step"]
+  assert again["examples_seen"] == final["examples_seen"]
+
+
+def test_workdir_of_another_config_is_refused(run):
+  config, workdir, _ = run
+  config = tiny_config()
+  config.schedule.learning_rate = 0.2
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r"different config: schedule.learning_rate \(0.1 → 0.2\)"):
+    loop.train_and_evaluate(config, workdir)
