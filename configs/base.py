@@ -38,15 +38,34 @@ def get_base_config() -> config_dict.ConfigDict:
       augment="pad_crop_flip",
       crop_padding=4,  # Pixels of padding for 'pad_crop_flip'.
       random_flip=True,
+      # 'inception' train crop: a random box covering this fraction of the
+      # image area, with width/height in this range, resized to image_size.
+      inception_area_range=(0.08, 1.0),
+      inception_aspect_range=(3 / 4, 4 / 3),
+      # 'inception' eval: the centred square of this fraction of the shorter
+      # side, resized to image_size (0.875: 224 from a 256 resize).
+      eval_crop_fraction=0.875,
+      # 'synthetic' source: std of the per-pixel noise on the class pattern
+      # (0-255 pixel units); larger makes the labels harder to learn.
+      synthetic_noise=48.0,
       prefetch_batches=2,  # Batches prepared ahead of the step, per process.
-      num_workers=1,  # Host threads decoding and augmenting.
+      num_workers=1,  # Host threads decoding and augmenting; 0 = in the caller.
   ))
 
   config.model = config_dict.ConfigDict(dict(
-      name="small_resnet",  # 'small_resnet' | 'wide_resnet' | 'resnet50' | ...
-      width=16,  # Channels of the first stage.
+      # 'small_resnet' | 'wide_resnet' | 'resnet50' | 'inception_resnet_v2'
+      name="small_resnet",
+      # Channels of the stem and first stage (64 for ResNet-50; 16 for
+      # wide_resnet, whose groups are width * widen_factor * (1, 2, 4)).
+      # Not used by inception_resnet_v2.
+      width=16,
+      blocks_per_stage=1,  # Used by small_resnet only (3 stages).
       depth=16,  # Used by wide_resnet only (16 for WRN-16-4).
       widen_factor=4,  # Used by wide_resnet only.
+      # Zero scale on the last batch norm of each residual branch, so blocks
+      # start as the identity (small_resnet, resnet50; WRN is pre-activation).
+      zero_init_residual=True,
+      bn_epsilon=1e-5,  # 1e-3 in Keras' Inception-ResNet-V2.
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))
   # Batch norm statistics are taken over groups of this many examples, in
@@ -91,7 +110,13 @@ def get_base_config() -> config_dict.ConfigDict:
   ))
 
   config.eval_every_epochs = 1.0
+  config.eval_batch_size = 1000  # Global; the split's tail is padded, masked.
   config.log_every_steps = 20
+  # Checkpoints: every this many updates and at every stage boundary.
+  config.checkpoint_every_steps = 500
+  config.checkpoints_to_keep = 3
+  # Persistent XLA compilation cache; None = <workdir>/compilation_cache.
+  config.compilation_cache_dir = placeholder(str)
   return config
 
 
@@ -136,4 +161,6 @@ def shrink_for_smoke(config, *, batch_size: int, max_batch: int | None = None,
   s.max_batch = max_batch
   s.warmup_epochs = min(s.warmup_epochs, 0.5)
   config.eval_every_epochs = 1.0
+  config.eval_batch_size = 256
   config.log_every_steps = 5
+  config.checkpoint_every_steps = 20

@@ -1,0 +1,69 @@
+"""Models, all with ghost batch norm, built from `config.model` by name.
+
+    model = models.create_model(config)
+    variables = model.init(rng, images, train=False)
+    logits, updates = model.apply(variables, images, train=True,
+                                  mutable=["batch_stats"])
+
+In training the `batch_stats` the model returns are the step's statistics;
+the train step folds them into the running averages with
+`update_running_stats(old, new, running_stats_decay(B, m, m_examples))`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models.ghost_batch_norm import GhostBatchNorm
+from models.ghost_batch_norm import running_stats_decay
+from models.ghost_batch_norm import update_running_stats
+from models.inception_resnet_v2 import InceptionResNetV2
+from models.resnet import ResNet
+from models.resnet import ResNet50
+from models.resnet import SmallResNet
+from models.wide_resnet import WideResNet
+from models.wide_resnet import check_depth
+
+MODEL_NAMES = ("small_resnet", "wide_resnet", "resnet50",
+               "inception_resnet_v2")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+__all__ = [
+    "DTYPES", "GhostBatchNorm", "InceptionResNetV2", "MODEL_NAMES", "ResNet",
+    "ResNet50", "SmallResNet", "WideResNet", "create_model",
+    "running_stats_decay", "update_running_stats",
+]
+
+
+def create_model(config) -> nn.Module:
+  """The linen module named by `config.model.name`, configured from `config`.
+
+  Reads `config.model.*`, `config.dataset.num_classes` and
+  `config.ghost_batch_size` (examples per batch norm group).
+  """
+  m = config.model
+  if m.name not in MODEL_NAMES:
+    raise ValueError(
+        f"unknown model.name {m.name!r}; choices: {', '.join(MODEL_NAMES)}")
+  if m.dtype not in DTYPES:
+    raise ValueError(
+        f"unknown model.dtype {m.dtype!r}; choices: {', '.join(DTYPES)}")
+  ghost_batch_size = config.ghost_batch_size
+  if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
+    raise ValueError(
+        f"ghost_batch_size must be a positive integer, got "
+        f"{ghost_batch_size!r}")
+  common = dict(
+      num_classes=config.dataset.num_classes,
+      ghost_batch_size=config.ghost_batch_size, bn_epsilon=m.bn_epsilon,
+      dtype=DTYPES[m.dtype])
+  if m.name == "inception_resnet_v2":
+    return InceptionResNetV2(**common)
+  common["width"] = m.width
+  if m.name == "small_resnet":
+    return SmallResNet(blocks_per_stage=m.blocks_per_stage,
+                       zero_init_residual=m.zero_init_residual, **common)
+  if m.name == "resnet50":
+    return ResNet50(zero_init_residual=m.zero_init_residual, **common)
+  check_depth(m.depth)
+  return WideResNet(depth=m.depth, widen_factor=m.widen_factor, **common)

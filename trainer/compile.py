@@ -70,12 +70,6 @@ class StepCompiler:
     self._pool = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="compile")
 
-  def check(self, batch_sizes) -> dict[int, int]:
-    """Micro-batch counts of every batch size, or ConfigError before work."""
-    n = self._mesh.size
-    return {b: micro_batches(b, n, self._max_device_batch, self._ghost)
-            for b in batch_sizes}
-
   def compile(self, batch_size: int):
     """Lowers and compiles the step for `batch_size` (blocking)."""
     n = self._mesh.size

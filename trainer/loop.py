@@ -90,20 +90,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns the final record: step, examples_seen and the last evaluation.
   """
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  # Every check that can fail on bad input runs before the workdir is touched.
   mesh = mesh_lib.make_mesh()
   plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
-  if is_chief:
-    workdir_lib.record_config(workdir, config)
   _check_eval_batch(config, mesh.size)
-  compile_lib.enable_compilation_cache(
-      config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"))
-
+  for batch_size in plan.batch_sizes:
+    compile_lib.micro_batches(batch_size, mesh.size, config.max_device_batch,
+                              config.ghost_batch_size)
   model = models.create_model(config)
   first = plan.stages[0]
   tx = optimizer_lib.make_optimizer(config.optimizer,
                                     learning_rate=first.learning_rate,
                                     momentum=first.momentum)
+  input_pipeline.make_source(config, train=True)
+  input_pipeline.make_source(config, train=False)
+
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    workdir_lib.record_config(workdir, config)
+  compile_lib.enable_compilation_cache(
+      config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"))
+
   replicated = mesh_lib.replicated(mesh)
   state = create_train_state(config, model, tx, mesh,
                              jax.random.PRNGKey(config.seed))
@@ -132,7 +139,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ghost_batch_size=config.ghost_batch_size,
       on_compiled=functools.partial(_record_compile, writer, start_step,
                                     is_chief))
-  compiler.check(plan.batch_sizes)
   eval_fn = jax.jit(
       lambda st, b: step_lib.eval_step(st, b, model=model),
       in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),

@@ -1,0 +1,156 @@
+"""ResNets with ghost batch norm: ResNet-50 v1.5 and a small ResNet.
+
+ResNet-50 v1.5 (He et al. 2016, with the stride of each downsampling
+bottleneck on its 3x3 conv as in torchvision and the Flax ImageNet example) is
+the ImageNet model; at width 64 it has 25,557,032 parameters. The small ResNet
+(3x3 stem, no max pool, three stages of basic blocks of width w, 2w, 4w) is
+the Fashion-MNIST / CIFAR smoke model that trains on two CPU cores.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.ghost_batch_norm import GhostBatchNorm
+
+ModuleDef = Any
+Dtype = Any
+
+# He init for ReLU networks, as torchvision's kaiming_normal_(mode='fan_out').
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+STEMS = ("imagenet", "small")
+
+
+def _same_padding(kernel: int):
+  return ((kernel // 2, kernel // 2),) * 2
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs, post-activation (ResNet v1)."""
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  zero_init_residual: bool
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides,
+                  padding=_same_padding(3))(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3), padding=_same_padding(3))(y)
+    y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, padding=0,
+                           name="proj_conv")(residual)
+      residual = self.norm(name="proj_norm")(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion, post-activation."""
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  zero_init_residual: bool
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (1, 1), padding=0)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3), self.strides,
+                  padding=_same_padding(3))(y)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters * 4, (1, 1), padding=0)(y)
+    y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, padding=0,
+                           name="proj_conv")(residual)
+      residual = self.norm(name="proj_norm")(residual)
+    return nn.relu(residual + y)
+
+
+def _last_scale_init(zero_init_residual: bool):
+  # A zero scale on the residual branch's last norm makes every block start
+  # as the identity (Goyal et al. 2017), which helps the large-batch stages.
+  return nn.initializers.zeros if zero_init_residual else nn.initializers.ones
+
+
+class ResNet(nn.Module):
+  """A ResNet v1 whose batch norms all use ghost batches.
+
+  Attributes:
+    stage_sizes: blocks per stage; stage i has width * 2**i filters and
+      stages after the first start with a stride-2 block.
+    block_cls: BasicBlock or BottleneckBlock.
+    num_classes: size of the logits.
+    width: filters of the stem and of the first stage.
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max pool) or 'small' (3x3/1 conv).
+    ghost_batch_size: examples per batch norm group in training.
+    bn_epsilon: batch norm epsilon.
+    zero_init_residual: zero scale on the last norm of each residual branch.
+    dtype: compute dtype; parameters are float32, logits float32.
+  """
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  width: int
+  stem: str
+  ghost_batch_size: int
+  bn_epsilon: float
+  zero_init_residual: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    """images: float [B, H, W, C]; returns float32 logits [B, num_classes]."""
+    if self.stem not in STEMS:
+      raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}")
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=conv_kernel_init)
+    norm = functools.partial(
+        GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
+        use_running_average=not train, dtype=self.dtype,
+        epsilon=self.bn_epsilon)
+
+    x = jnp.asarray(images, self.dtype)
+    if self.stem == "imagenet":
+      x = conv(self.width, (7, 7), (2, 2), padding=_same_padding(7),
+               name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_norm")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_same_padding(3))
+    else:
+      x = conv(self.width, (3, 3), padding=_same_padding(3),
+               name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_norm")(x))
+
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = self.block_cls(
+            filters=self.width * 2**i, strides=strides, conv=conv, norm=norm,
+            zero_init_residual=self.zero_init_residual)(x)
+
+    x = jnp.mean(jnp.asarray(x, jnp.float32), axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=jnp.float32,
+                    param_dtype=jnp.float32, name="head")(x)
+
+
+ResNet50 = functools.partial(
+    ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock,
+    stem="imagenet")
+
+
+def SmallResNet(*, blocks_per_stage: int, **kwargs) -> ResNet:  # pylint: disable=invalid-name
+  """Three stages of basic blocks (width, 2 width, 4 width), 3x3 stem."""
+  return ResNet(stage_sizes=(blocks_per_stage,) * 3, block_cls=BasicBlock,
+                stem="small", **kwargs)

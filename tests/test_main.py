@@ -1,0 +1,62 @@
+"""`python -m trainer.main`: bad input stops with one line before any work."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import cifar10_increase_batch
+
+SMOKE = "--config=configs/cifar10_increase_batch.py:smoke"
+ENV = dict(os.environ,
+           XLA_FLAGS="--xla_force_host_platform_device_count=8",
+           JAX_PLATFORMS="cpu")
+
+
+def run_main(*args, timeout=120):
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args],
+                        capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+BAD = [
+    ([SMOKE, "--config.schedule.batch_size=68"],
+     "stage 0 global batch B=68 is not divisible by the device count 8"),
+    ([SMOKE, "--config.schedule.batch_size=32"],
+     "B=32 gives 4 examples per device, not a multiple of ghost_batch_size=8"),
+    ([SMOKE, "--config.max_device_batch=24"],
+     "max_device_batch=24 does not divide the per-device batch 32"),
+    ([SMOKE, "--config.max_device_batch=12"],
+     "max_device_batch=12 is not a multiple of ghost_batch_size=8"),
+    ([SMOKE, "--config.eval_batch_size=100"],
+     "eval_batch_size=100 must be a positive multiple of the device count 8"),
+    ([SMOKE, "--config.optimizer.name=lamb"], "optimizer.name='lamb' is unknown"),
+    ([SMOKE, "--config.model.name=vgg"], "model.name"),
+    ([SMOKE], "--workdir is required"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line(tmp_path, args, message):
+  if "--workdir is required" != message:
+    args = [*args, f"--workdir={tmp_path / 'w'}"]
+  r = run_main(*args)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr
+  assert "Traceback" not in r.stderr
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  saved = json.loads(cifar10_increase_batch.get_config("smoke").to_json())
+  saved["seed"] = 1
+  (workdir / "config.json").write_text(json.dumps(saved))
+  r = run_main(SMOKE, f"--workdir={workdir}")
+  assert r.returncode == 2
+  line = r.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: workdir {workdir} holds a run of a different "
+                         "config: "), r.stderr
+  assert line.endswith("config: seed (1 → 0); use a new --workdir"), line

@@ -1,0 +1,196 @@
+"""Models built by the factory: sizes, structure, dtypes, and bad configs.
+
+Full-size models are only traced (`jax.eval_shape`); the one real forward is
+the small ResNet on Fashion-MNIST-sized images.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from configs import base
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+def make_config(name, **model_fields):
+  config = base.get_base_config()
+  config.model.name = name
+  for field, value in model_fields.items():
+    setattr(config.model, field, value)
+  return config
+
+
+def fashion_mnist_config(**model_fields):
+  return make_config("small_resnet", **model_fields)
+
+
+def shapes(model, image_shape, batch=2):
+  """(variables, logits) as ShapeDtypeStructs: one trace, no compile."""
+  images = jax.ShapeDtypeStruct((batch,) + image_shape, jnp.float32)
+  logits, variables = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False),
+      images)
+  return variables, logits
+
+
+def init(model, images):
+  """Variables, as a jitted init (one compile, not one per op)."""
+  return jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
+      images)
+
+
+def apply_train(model, variables, images, mutable=("batch_stats",), **kwargs):
+  """(logits, updated collections) of a jitted training forward."""
+  return jax.jit(lambda v, x: model.apply(
+      v, x, train=True, mutable=list(mutable), **kwargs))(variables, images)
+
+
+def num_params(variables):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      variables["params"]))
+
+
+@pytest.mark.parametrize("config,image_shape,want_params", [
+    # Stem 3x3x1x16; blocks 16, 32, 64 wide with two 3x3 convs each.
+    (fashion_mnist_config(), (28, 28, 1), 77_754),
+    # WRN-16-4 on CIFAR-10, as in Zagoruyko & Komodakis (2.7M).
+    (make_config("wide_resnet", width=16, depth=16, widen_factor=4),
+     (32, 32, 3), 2_748_890),
+    # ResNet-50 on ImageNet, as torchvision's resnet50.
+    (make_config("resnet50", width=64), (224, 224, 3), 25_557_032),
+    # Keras' 55,813,192 trainable parameters plus the 30,272 batch norm
+    # scales that Keras leaves out.
+    (make_config("inception_resnet_v2"), (299, 299, 3), 55_843_464),
+], ids=["small_resnet", "wide_resnet_16_4", "resnet50", "inception_resnet_v2"])
+def test_parameter_counts_and_logits(config, image_shape, want_params):
+  if config.model.name in ("resnet50", "inception_resnet_v2"):
+    config.dataset.num_classes = 1000
+  model = models.create_model(config)
+  variables, logits = shapes(model, image_shape)
+  assert num_params(variables) == want_params
+  assert logits.shape == (2, config.dataset.num_classes)
+  assert logits.dtype == jnp.float32
+
+
+def test_resnet50_strides_on_the_3x3_conv():
+  """v1.5: a downsampling bottleneck keeps the resolution through its 1x1."""
+  config = make_config("resnet50", width=64)
+  model = models.create_model(config)
+  images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  variables, _ = shapes(model, (224, 224, 3))
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=False,
+                               capture_intermediates=True,
+                               mutable=["intermediates"]),
+      variables, images)
+  first_of_stage_2 = state["intermediates"]["BottleneckBlock_3"]
+  assert first_of_stage_2["Conv_0"]["__call__"][0].shape == (2, 56, 56, 128)
+  assert first_of_stage_2["Conv_1"]["__call__"][0].shape == (2, 28, 28, 128)
+  assert first_of_stage_2["Conv_2"]["__call__"][0].shape == (2, 28, 28, 512)
+  assert len([k for k in variables["params"] if "Block" in k]) == 16
+
+
+@pytest.fixture(scope="module")
+def fashion_batch():
+  rng = np.random.default_rng(0)
+  return rng.normal(size=(8, 28, 28, 1)).astype(np.float32)
+
+
+def test_small_resnet_training_forward_writes_stats(fashion_batch):
+  config = fashion_mnist_config(width=8)
+  config.ghost_batch_size = 4
+  model = models.create_model(config)
+  variables = init(model, fashion_batch)
+  logits, updates = apply_train(model, variables, fashion_batch)
+  assert logits.shape == (8, 10) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  # Every norm wrote its batch's statistics over the init values.
+  stats = updates["batch_stats"]
+  assert jax.tree.structure(stats) == jax.tree.structure(
+      variables["batch_stats"])
+  written = jax.tree_util.tree_leaves_with_path(stats)
+  # Stem, 2 per block, 1 per projection (blocks 2 and 3): 9 norms.
+  assert len(written) == 2 * 9
+  for path, value in written:
+    neutral = 1.0 if path[-1].key == "var" else 0.0
+    assert not np.allclose(value, neutral), path
+  # Evaluation needs no multiple of the ghost batch size.
+  eval_logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, fashion_batch[:3])
+  assert eval_logits.shape == (3, 10)
+
+
+@pytest.mark.parametrize("zero_init_residual,want", [(True, 0.0), (False, 1.0)])
+def test_zero_init_residual(zero_init_residual, want):
+  config = fashion_mnist_config(zero_init_residual=zero_init_residual)
+  model = models.create_model(config)
+  params = init(model, jnp.zeros((2, 28, 28, 1)))["params"]
+  for block in ("BasicBlock_0", "BasicBlock_1", "BasicBlock_2"):
+    np.testing.assert_array_equal(params[block]["GhostBatchNorm_1"]["scale"],
+                                  want)
+    np.testing.assert_array_equal(params[block]["GhostBatchNorm_0"]["scale"],
+                                  1.0)
+
+
+def test_bfloat16_model_keeps_float32_params_and_logits(fashion_batch):
+  config = fashion_mnist_config(width=8, zero_init_residual=False)
+  config.ghost_batch_size = 4
+  model_f32 = models.create_model(config)
+  config.model.dtype = "bfloat16"
+  model_bf16 = models.create_model(config)
+  variables = init(model_bf16, fashion_batch)
+  for leaf in jax.tree.leaves(variables):
+    assert leaf.dtype == jnp.float32
+  logits, state = apply_train(
+      model_bf16, variables, fashion_batch, capture_intermediates=True,
+      mutable=("batch_stats", "intermediates"))
+  assert logits.dtype == jnp.float32
+  for leaf in jax.tree.leaves(state["batch_stats"]):
+    assert leaf.dtype == jnp.float32
+  # The convolutions and norms really compute in bfloat16.
+  block = state["intermediates"]["BasicBlock_1"]
+  assert block["Conv_0"]["__call__"][0].dtype == jnp.bfloat16
+  assert block["GhostBatchNorm_0"]["__call__"][0].dtype == jnp.bfloat16
+  logits_f32, _ = apply_train(model_f32, variables, fashion_batch)
+  np.testing.assert_allclose(logits, logits_f32, atol=0.05 * float(
+      np.max(np.abs(logits_f32))))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("name", "vgg", r"unknown model.name 'vgg'; choices: small_resnet, "
+                    r"wide_resnet, resnet50, inception_resnet_v2"),
+    ("dtype", "float16", r"unknown model.dtype 'float16'; choices: float32, "
+                         r"bfloat16"),
+])
+def test_bad_model_config_is_rejected(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    config = base.get_base_config()
+    setattr(config.model, field, value)
+    models.create_model(config)
+
+
+def test_inception_resnet_v2_rejects_small_images():
+  model = models.create_model(make_config("inception_resnet_v2"))
+  with pytest.raises(ValueError, match="at least 75 pixels a side, got 64x64"):
+    shapes(model, (64, 64, 3))
+
+
+def test_bad_wide_resnet_depth_is_rejected():
+  with pytest.raises(ValueError, match=r"6n \+ 4 .* model.depth=18"):
+    models.create_model(make_config("wide_resnet", depth=18))
+
+
+@pytest.mark.parametrize("ghost_batch_size", [0, -4])
+def test_bad_ghost_batch_size_is_rejected(ghost_batch_size):
+  config = fashion_mnist_config()
+  config.ghost_batch_size = ghost_batch_size
+  with pytest.raises(ValueError, match="ghost_batch_size must be a positive"):
+    models.create_model(config)
