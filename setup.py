@@ -24,6 +24,7 @@ setuptools.setup(
         "grain>=0.2.18,<0.3",
         "tensorboardX>=2.6,<2.7",
         "matplotlib>=3.8,<4",
+        "pillow>=10",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
 )

@@ -1,0 +1,185 @@
+"""Train and eval batches for one process.
+
+Train: the step that starts at examples seen x takes stream positions
+[x, x + B) (see order.py), B = `plan.at(x).batch_size`; process p of P reads
+and augments rows [p*B/P, (p+1)*B/P) only. Augmentation draws come from
+(seed, epoch, example index), so a step's pixels do not depend on P, on the
+worker count, or on where the run was resumed.
+
+Eval: the whole split in its stored order, cut into global batches; the last
+one is padded with zero images whose `mask` is 0, so every example is scored
+exactly once and no batch shape is new to the compiled step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from input_pipeline import augment
+from input_pipeline import keyed_random
+from input_pipeline import order
+from input_pipeline import prefetch
+from input_pipeline import sources
+from input_pipeline.errors import DataError
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} must be in "
+                    f"[0, process_count={process_count})")
+
+
+def _check_pipeline_config(d) -> None:
+  augment.check_config(d)
+  if d.prefetch_batches < 0 or d.num_workers < 0:
+    raise DataError(f"dataset.prefetch_batches={d.prefetch_batches} and "
+                    f"dataset.num_workers={d.num_workers} must not be negative")
+
+
+def _chunks(num_rows: int, num_workers: int) -> list[tuple[int, int]]:
+  """Row ranges for the tasks of one batch, about one per worker."""
+  size = max(1, -(-num_rows // max(1, num_workers)))
+  return [(lo, min(lo + size, num_rows)) for lo in range(0, num_rows, size)]
+
+
+class _Reader:
+  """Reads, augments and normalises rows of a batch into given arrays."""
+
+  def __init__(self, config, source: sources.Source, train: bool):
+    self.d = config.dataset
+    self.seed = config.seed
+    self.source = source
+    self.train = train
+    self.normalize = augment.normalizer(self.d)
+    self.fetch(0)  # Fail now, not in a worker, on a wrong image shape.
+
+  def fetch(self, index: int) -> tuple[np.ndarray, int]:
+    """Example `index`; DataError if it cannot be read or has a wrong shape."""
+    try:
+      image, label = self.source[index]
+    except DataError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # A corrupt record or image: one line naming it, not a decoder trace.
+      raise DataError(f"{self.source.name} example {index} cannot be read: "
+                      f"{sources.first_line(e)}") from e
+    augment.check_image(self.d, image, f"{self.source.name} example {index}")
+    return image, label
+
+  def read(self, epochs: np.ndarray, indices: np.ndarray, images_out: np.ndarray,
+           labels_out: np.ndarray) -> None:
+    images = []
+    for k, index in enumerate(indices):
+      image, labels_out[k] = self.fetch(int(index))
+      images.append(image)
+    bad = (labels_out < 0) | (labels_out >= self.d.num_classes)
+    if bad.any():
+      k = int(np.argmax(bad))
+      raise DataError(f"{self.source.name} example {int(indices[k])} has label "
+                      f"{int(labels_out[k])}, outside dataset.num_classes="
+                      f"{self.d.num_classes}; fix dataset.num_classes")
+    if self.train:
+      draws = keyed_random.uniforms(
+          self.seed, keyed_random.AUGMENT_STREAM, epochs[:, None],
+          indices[:, None], np.arange(augment.num_draws(self.d)))
+      pixels = augment.train_images(self.d, images, draws)
+    else:
+      pixels = augment.eval_images(self.d, images)
+    self.normalize(pixels, images_out)
+
+  def job(self, epochs, indices, num_rows: int, extra: dict[str, Any],
+          mask: np.ndarray | None = None) -> prefetch.Job:
+    """A batch of `num_rows` rows, the first len(indices) read from the source."""
+    d = self.d
+    image = np.empty((num_rows, d.image_size, d.image_size, d.channels), np.float32)
+    image[len(indices):] = 0  # Eval padding.
+    label = np.zeros((num_rows,), np.int32)
+    def task(lo, hi):
+      return lambda: self.read(epochs[lo:hi], indices[lo:hi], image[lo:hi],
+                               label[lo:hi])
+    tasks = [task(lo, hi) for lo, hi in _chunks(len(indices), d.num_workers)]
+    def finish():
+      batch = dict(image=image, label=label, **extra)
+      if mask is not None:
+        batch["mask"] = mask
+      return batch
+    return prefetch.Job(tasks, finish)
+
+
+def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> prefetch.Prefetcher:
+  """This process's slices of the train batches, from `start_examples` on.
+
+  Yields dicts: `image` float32 [B/P, S, S, C], `label` int32 [B/P], and the
+  python ints `examples_seen` (at the start of the batch) and `step`. Stops
+  after the plan's last step. `start_examples` (examples) must be where a
+  step of `plan` starts. Errors in the config or data raise DataError now.
+  """
+  d = config.dataset
+  _check_pipeline_config(d)
+  _check_process(process_index, process_count)
+  n = d.num_train_examples
+  if plan.num_train_examples != n:
+    raise DataError(f"the plan is for {plan.num_train_examples} training examples "
+                    f"but dataset.num_train_examples={n}; rebuild the plan")
+  for b in plan.batch_sizes:
+    if b > n:
+      raise DataError(f"global batch B={b} exceeds the N={n} training examples "
+                      "(dataset.num_train_examples); lower the batch or raise N")
+    if b % process_count:
+      raise DataError(f"global batch B={b} does not split over "
+                      f"process_count={process_count} processes")
+  total = plan.total_examples
+  if not 0 <= start_examples <= total or (
+      start_examples < total
+      and plan.examples_at_step(plan.at(start_examples).step) != start_examples):
+    raise DataError(f"start_examples={start_examples} is not where a step of the "
+                    f"plan starts (plan covers 0-{total} examples)")
+  source = sources.train_source(config)
+  reader = _Reader(config, source, train=True)
+  stream = order.ExampleOrder(n, config.seed)
+
+  def jobs():
+    x = start_examples
+    while x < total:
+      position = plan.at(x)
+      share = position.batch_size // process_count
+      lo = x + process_index * share
+      epochs, indices = stream.at(lo, lo + share)
+      yield reader.job(epochs, indices, share,
+                       dict(examples_seen=x, step=position.step))
+      x += position.batch_size
+
+  return prefetch.Prefetcher(jobs(), num_workers=d.num_workers,
+                             prefetch_batches=d.prefetch_batches)
+
+
+def eval_batches(config, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> prefetch.Prefetcher:
+  """This process's slices of the eval split in batches of `global_batch_size`.
+
+  Yields dicts: `image` float32 [G/P, S, S, C], `label` int32 [G/P] and `mask`
+  float32 [G/P], 1 for a real example and 0 for padding. The batches cover
+  the split exactly once, in order; the last is padded, never dropped.
+  """
+  d = config.dataset
+  _check_pipeline_config(d)
+  _check_process(process_index, process_count)
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise DataError(f"eval batch {global_batch_size} must be a positive multiple "
+                    f"of process_count={process_count}")
+  source = sources.eval_source(config)
+  reader = _Reader(config, source, train=False)
+  num_examples, share = len(source), global_batch_size // process_count
+
+  def jobs():
+    for start in range(0, num_examples, global_batch_size):
+      lo = start + process_index * share
+      indices = np.arange(lo, min(lo + share, num_examples), dtype=np.int64)
+      mask = np.zeros((share,), np.float32)
+      mask[:len(indices)] = 1
+      yield reader.job(np.zeros_like(indices), indices, share, {}, mask)
+
+  return prefetch.Prefetcher(jobs(), num_workers=d.num_workers,
+                             prefetch_batches=d.prefetch_batches)

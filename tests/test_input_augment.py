@@ -1,0 +1,111 @@
+"""Augmentation recipes, normalisation and the synthetic source."""
+import numpy as np
+import pytest
+
+from configs import base
+from input_pipeline import augment
+from input_pipeline import sources
+
+
+def _dataset(**overrides):
+  config = base.get_base_config()
+  base.shrink_for_smoke(config, batch_size=16)
+  config.dataset.update(overrides)
+  return config
+
+
+def test_pad_crop_flip_is_a_window_of_the_padded_image():
+  d = _dataset(image_size=6, crop_padding=2, random_flip=True).dataset
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (6, 6, 1), dtype=np.uint8) for _ in range(64)]
+  draws = rng.random((64, augment.num_draws(d)))
+  out = augment.train_images(d, images, draws)
+  seen = set()
+  for image, u, got in zip(images, draws, out):
+    dy, dx, flip = int(u[0] * 5), int(u[1] * 5), u[2] < 0.5
+    want = np.pad(image, ((2, 2), (2, 2), (0, 0)))[dy:dy + 6, dx:dx + 6]
+    np.testing.assert_array_equal(got, want[:, ::-1] if flip else want)
+    seen.add((dy, dx, flip))
+  assert len(seen) > 30  # Offsets and flips all get used.
+
+
+def test_inception_boxes_respect_area_and_aspect():
+  d = _dataset(augment="inception", image_size=8, channels=3).dataset
+  rng = np.random.default_rng(1)
+  sizes = np.array([[300, 400]] * 500)
+  boxes = augment._inception_boxes(d, sizes, rng.random((500, augment.num_draws(d))))
+  left, top, right, bottom = boxes.T
+  w, h = right - left, bottom - top
+  assert (left >= 0).all() and (top >= 0).all()
+  assert (right <= 400).all() and (bottom <= 300).all()
+  area = w * h / (300 * 400)
+  assert area.min() >= 0.08 - 0.01 and area.max() <= 1.0
+  aspect = w / h
+  assert aspect.min() > 0.75 - 0.05 and aspect.max() < 4 / 3 + 0.05
+  assert np.ptp(left) > 100 and np.ptp(area) > 0.5  # Really random.
+
+
+def test_inception_falls_back_to_the_centre_box():
+  d = _dataset(augment="inception", image_size=8, channels=1).dataset
+  sizes = np.array([[10, 1000]])  # No allowed aspect fits: all tries fail.
+  (box,) = augment._inception_boxes(d, sizes, np.full((1, augment.num_draws(d)), 0.99))
+  np.testing.assert_array_equal(box, [493, 0, 506, 10])  # 10 high, 13 wide.
+
+
+def test_inception_output_shape_and_constant_image():
+  d = _dataset(augment="inception", image_size=8, channels=3).dataset
+  images = [np.full((30 + k, 20, 3), 77, np.uint8) for k in range(5)]
+  out = augment.train_images(d, images, np.random.default_rng(2).random((5, 41)))
+  assert out.shape == (5, 8, 8, 3) and out.dtype == np.uint8
+  assert (out == 77).all()
+
+
+def test_normalizer_maps_pixels_to_standard_units():
+  d = _dataset(channels=2, mean=(0.5, 0.25), std=(0.5, 0.25)).dataset
+  pixels = np.array([[[[0, 255]]]], np.uint8)
+  out = np.empty(pixels.shape, np.float32)
+  augment.normalizer(d)(pixels, out)
+  np.testing.assert_allclose(out[0, 0, 0], [-1.0, 3.0], rtol=1e-6)
+
+
+def test_synthetic_source_is_deterministic_and_seeded():
+  config = _dataset(image_size=16)
+  a, b = sources.make_source(config, train=True), sources.make_source(config, train=True)
+  np.testing.assert_array_equal(a[7][0], b[7][0])
+  assert a[7][0].shape == (16, 16, 1) and a[7][0].dtype == np.uint8
+  config.seed = 1
+  c = sources.make_source(config, train=True)
+  assert not np.array_equal(a[7][0], c[7][0])
+  assert len(a) == 2048 and len(sources.make_source(config, train=False)) == 512
+
+
+def test_synthetic_labels_are_learnable():
+  """Class means of the train split classify the eval split well."""
+  config = _dataset(image_size=16)
+  train = sources.make_source(config, train=True)
+  evals = sources.make_source(config, train=False)
+  x = np.stack([train[i][0] for i in range(1024)]).reshape(1024, -1).astype(float)
+  y = np.array([train[i][1] for i in range(1024)])
+  means = np.stack([x[y == c].mean(0) for c in range(10)])
+  xe = np.stack([evals[i][0] for i in range(256)]).reshape(256, -1).astype(float)
+  ye = np.array([evals[i][1] for i in range(256)])
+  predicted = np.argmin(((xe[:, None] - means[None]) ** 2).sum(-1), axis=1)
+  assert (predicted == ye).mean() > 0.9
+  assert len(np.unique(y)) == 10 and np.bincount(y).min() > 60  # Balanced.
+  noisy = [(x[y == c] - means[c]).std() for c in range(10)]
+  assert min(noisy) > 0.5 * config.dataset.synthetic_noise  # Not trivial.
+
+
+@pytest.mark.parametrize("kind", augment.AUGMENTS)
+def test_every_recipe_yields_image_size(kind):
+  d = _dataset(augment=kind, image_size=16).dataset
+  source = sources.make_source(_dataset(augment=kind, image_size=16), train=True)
+  images = [source[i][0] for i in range(4)]
+  draws = np.random.default_rng(0).random((4, augment.num_draws(d)))
+  train = augment.train_images(d, images, draws)
+  assert train.shape == (4, 16, 16, 1) and train.dtype == np.uint8
+  assert augment.eval_images(d, images).shape == (4, 16, 16, 1)
+  if kind == "none":
+    np.testing.assert_array_equal(train, np.stack(images))
+  else:
+    assert not np.array_equal(train, np.stack(images))
