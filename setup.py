@@ -21,7 +21,6 @@ setuptools.setup(
         "ml-collections>=1.1,<1.2",
         "absl-py>=2.1,<3",
         "numpy>=2.0,<3",
-        "grain>=0.2.18,<0.3",
         "tensorboardX>=2.6,<2.7",
         "matplotlib>=3.8,<4",
         "pillow>=10",

@@ -10,6 +10,9 @@ from input_pipeline.batches import eval_batches
 from input_pipeline.batches import train_batches
 from input_pipeline.errors import DataError
 from input_pipeline.sources import Source
+from input_pipeline.sources import eval_source
 from input_pipeline.sources import make_source
+from input_pipeline.sources import train_source
 
-__all__ = ["DataError", "Source", "eval_batches", "make_source", "train_batches"]
+__all__ = ["DataError", "Source", "eval_batches", "eval_source", "make_source",
+           "train_batches", "train_source"]

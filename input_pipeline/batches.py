@@ -108,13 +108,15 @@ class _Reader:
 
 
 def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> prefetch.Prefetcher:
+                  process_count: int = 1,
+                  source: sources.Source | None = None) -> prefetch.Prefetcher:
   """This process's slices of the train batches, from `start_examples` on.
 
   Yields dicts: `image` float32 [B/P, S, S, C], `label` int32 [B/P], and the
   python ints `examples_seen` (at the start of the batch) and `step`. Stops
   after the plan's last step. `start_examples` (examples) must be where a
   step of `plan` starts. Errors in the config or data raise DataError now.
+  `source` (from `sources.train_source`) saves reopening the split.
   """
   d = config.dataset
   _check_pipeline_config(d)
@@ -136,7 +138,7 @@ def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
       and plan.examples_at_step(plan.at(start_examples).step) != start_examples):
     raise DataError(f"start_examples={start_examples} is not where a step of the "
                     f"plan starts (plan covers 0-{total} examples)")
-  source = sources.train_source(config)
+  source = source if source is not None else sources.train_source(config)
   reader = _Reader(config, source, train=True)
   stream = order.ExampleOrder(n, config.seed)
 
@@ -156,12 +158,14 @@ def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
 
 
 def eval_batches(config, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> prefetch.Prefetcher:
+                 process_count: int = 1,
+                 source: sources.Source | None = None) -> prefetch.Prefetcher:
   """This process's slices of the eval split in batches of `global_batch_size`.
 
   Yields dicts: `image` float32 [G/P, S, S, C], `label` int32 [G/P] and `mask`
   float32 [G/P], 1 for a real example and 0 for padding. The batches cover
   the split exactly once, in order; the last is padded, never dropped.
+  `source` (from `sources.eval_source`) saves reopening the split.
   """
   d = config.dataset
   _check_pipeline_config(d)
@@ -169,7 +173,7 @@ def eval_batches(config, global_batch_size: int, process_index: int = 0,
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise DataError(f"eval batch {global_batch_size} must be a positive multiple "
                     f"of process_count={process_count}")
-  source = sources.eval_source(config)
+  source = source if source is not None else sources.eval_source(config)
   reader = _Reader(config, source, train=False)
   num_examples, share = len(source), global_batch_size // process_count
 

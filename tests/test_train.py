@@ -88,3 +88,13 @@ def test_workdir_of_another_config_is_refused(run):
   with pytest.raises(workdir_lib.WorkdirError,
                      match=r"different config: schedule.learning_rate \(0.1 → 0.2\)"):
     loop.train_and_evaluate(config, workdir)
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_stage(tmp_path):
+  config = tiny_config()
+  config.schedule.learning_rate = 1e6
+  config.optimizer.weight_decay = 0.0
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"non-finite loss .* at step \d+ \(stage 0, B=64\); "
+                     r"no checkpoint yet"):
+    loop.train_and_evaluate(config, str(tmp_path))

@@ -59,12 +59,14 @@ class StepCompiler:
 
   def __init__(self, *, mesh, model, tx, abstract_state, image_shape,
                max_device_batch: int, ghost_batch_size: int,
+               micro_batch_unroll: int = 0,
                on_compiled: Callable[[int, int, float], None]):
     self._mesh, self._model, self._tx = mesh, model, tx
     self._state = abstract_state
     self._image_shape = tuple(image_shape)
     self._max_device_batch = max_device_batch
     self._ghost = ghost_batch_size
+    self._unroll = micro_batch_unroll
     self._on_compiled = on_compiled
     self._futures: dict[int, concurrent.futures.Future] = {}
     self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -78,7 +80,8 @@ class StepCompiler:
     data = mesh_lib.batch_sharding(self._mesh)
     fn = jax.jit(
         functools.partial(step_lib.train_step, model=self._model, tx=self._tx,
-                          num_devices=n, num_micro_batches=k),
+                          num_devices=n, num_micro_batches=k,
+                          unroll=self._unroll),
         in_shardings=(state_sharding, data, state_sharding),
         out_shardings=(state_sharding, state_sharding),
         donate_argnums=(0,))

@@ -69,12 +69,12 @@ def _format_eta(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def evaluate(state, eval_fn, config, mesh) -> dict:
+def evaluate(state, eval_fn, config, mesh, source) -> dict:
   """Loss and accuracy over the whole eval split (padding masked out)."""
   totals = dict(loss_sum=0.0, correct_sum=0.0, count=0.0)
   for batch in input_pipeline.eval_batches(
       config, config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+      process_count=jax.process_count(), source=source):
     out = jax.device_get(eval_fn(state, mesh_lib.global_batch(batch, mesh)))
     for k in totals:
       totals[k] += float(out[k])
@@ -102,8 +102,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx = optimizer_lib.make_optimizer(config.optimizer,
                                     learning_rate=first.learning_rate,
                                     momentum=first.momentum)
-  input_pipeline.make_source(config, train=True)
-  input_pipeline.make_source(config, train=False)
+  sources = dict(train=input_pipeline.train_source(config),
+                 eval=input_pipeline.eval_source(config))
 
   os.makedirs(workdir, exist_ok=True)
   if is_chief:
@@ -117,11 +117,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   checkpoints = checkpoint_lib.Checkpointer(
       workdir, every_steps=config.checkpoint_every_steps,
       max_to_keep=config.checkpoints_to_keep)
-  examples_seen = 0
+  examples_seen, wall_time = 0, 0.0
   restored = checkpoints.restore(state)
   if restored is not None:
     state, meta = restored
     examples_seen = int(meta["examples_seen"])
+    wall_time = float(meta.get("wall_time", 0.0))
     if is_chief:
       print(f"resumed from step {int(state.step)} ({examples_seen} examples "
             f"seen) in {checkpoints.directory}", flush=True)
@@ -137,6 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       image_shape=(d.image_size, d.image_size, d.channels),
       max_device_batch=config.max_device_batch,
       ghost_batch_size=config.ghost_batch_size,
+      micro_batch_unroll=config.micro_batch_unroll,
       on_compiled=functools.partial(_record_compile, writer, start_step,
                                     is_chief))
   eval_fn = jax.jit(
@@ -149,8 +151,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"workdir {os.path.abspath(workdir)}", flush=True)
 
   try:
-    final = _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
-                 checkpoints, writer, is_chief)
+    final = _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
+                 eval_fn, checkpoints, writer, is_chief, sources)
   finally:
     compiler.close()
     checkpoints.close()
@@ -177,8 +179,9 @@ def _check_eval_batch(config, num_devices):
         f"count {num_devices}")
 
 
-def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
-         checkpoints, writer, is_chief):
+def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
+         eval_fn, checkpoints, writer, is_chief, sources):
+  """The step loop; `wall_time` (seconds) continues a resumed run's clock."""
   n = plan.num_train_examples
   replicated = mesh_lib.replicated(mesh)
   eval_every = max(1, round(config.eval_every_epochs * n))
@@ -186,12 +189,13 @@ def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
   sizes = [s.batch_size for s in plan.stages
            if s.end_examples > examples_seen]
   compiler.start(list(dict.fromkeys(sizes)))
+  run_start = time.perf_counter() - wall_time
   clock = _Clock(time.perf_counter(), examples_seen)
   last_eval = {}
   with input_pipeline.train_batches(
       config, plan, start_examples=examples_seen,
       process_index=jax.process_index(),
-      process_count=jax.process_count()) as stream:
+      process_count=jax.process_count(), source=sources["train"]) as stream:
     for local in stream:
       pos = plan.at(local["examples_seen"])
       stage = plan.stages[pos.stage]
@@ -211,10 +215,12 @@ def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
       examples_seen = pos.examples_seen + pos.batch_size
       step = pos.step + 1
       if not math.isfinite(float(metrics["train_loss"])):
+        latest = checkpoints.latest_step()
+        where = ("no checkpoint yet" if latest is None else
+                 f"last checkpoint: step {latest} in {checkpoints.directory}")
         raise TrainingDiverged(
             f"non-finite loss {float(metrics['train_loss'])} at step {step} "
-            f"(stage {pos.stage}, B={pos.batch_size}); last checkpoint: step "
-            f"{checkpoints.latest_step()} in {checkpoints.directory}")
+            f"(stage {pos.stage}, B={pos.batch_size}); {where}")
       stage_end = examples_seen >= stage.end_examples
       if step % config.log_every_steps == 0 or stage_end:
         rate = clock.rate(examples_seen)
@@ -225,7 +231,8 @@ def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
             learning_rate=pos.learning_rate, momentum=pos.momentum,
             noise_scale=pos.noise_scale,
             **{k: float(v) for k, v in metrics.items()},
-            examples_per_second=rate, step_time=step_time)
+            examples_per_second=rate, step_time=step_time,
+            wall_time=time.perf_counter() - run_start)
         writer.write("train", step, **record)
         if is_chief:
           eta = (plan.total_examples - examples_seen) / max(rate, 1e-9)
@@ -237,14 +244,16 @@ def _run(config, plan, state, examples_seen, mesh, compiler, eval_fn,
       done = examples_seen >= plan.total_examples
       if examples_seen >= next_eval or done:
         next_eval = (examples_seen // eval_every + 1) * eval_every
-        last_eval = evaluate(state, eval_fn, config, mesh)
+        last_eval = evaluate(state, eval_fn, config, mesh, sources["eval"])
         writer.write("eval", step, examples_seen=examples_seen,
-                     epoch=examples_seen / n, **last_eval)
+                     epoch=examples_seen / n,
+                     wall_time=time.perf_counter() - run_start, **last_eval)
         if is_chief:
           print(f"eval at epoch {examples_seen / n:.2f}: "
                 f"loss {last_eval['eval_loss']:.4f} "
                 f"accuracy {last_eval['eval_accuracy']:.4f}", flush=True)
         clock.reset(examples_seen)  # Evaluation time is not training time.
-      meta = dict(examples_seen=examples_seen, step=step, stage=pos.stage)
+      meta = dict(examples_seen=examples_seen, step=step, stage=pos.stage,
+                  wall_time=time.perf_counter() - run_start)
       checkpoints.maybe_save(step, state, meta, force=stage_end or done)
   return dict(step=int(state.step), examples_seen=examples_seen, **last_eval)

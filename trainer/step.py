@@ -44,7 +44,8 @@ def _split_micro_batches(x, num_devices: int, num_micro_batches: int):
 
 
 def train_step(state: TrainState, batch, hyper, *, model, tx,
-               num_devices: int = 1, num_micro_batches: int = 1):
+               num_devices: int = 1, num_micro_batches: int = 1,
+               unroll: int = 0):
   """One update on a global batch.
 
   Args:
@@ -58,6 +59,8 @@ def train_step(state: TrainState, batch, hyper, *, model, tx,
     num_devices: devices the batch is sharded over (static).
     num_micro_batches: the per-device share is split into this many
       micro-batches whose gradients are averaged before one update (static).
+    unroll: micro-batches per loop iteration; 0 unrolls the loop fully (XLA's
+      CPU backend ran a looped step ~12x slower than the unrolled one).
 
   Returns:
     (new_state, metrics) with metrics `train_loss`, `train_accuracy` and
@@ -84,9 +87,13 @@ def train_step(state: TrainState, batch, hyper, *, model, tx,
 
   zeros = lambda tree: jax.tree_util.tree_map(
       lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-  init = (zeros(state.params), 0.0, 0.0, zeros(state.batch_stats))
-  (grads, loss, correct, stats), _ = jax.lax.scan(micro_step, init,
-                                                  (images, labels))
+  if num_micro_batches == 1:
+    (loss, (correct, stats)), grads = grad_fn(state.params, images[0], labels[0])
+  else:
+    init = (zeros(state.params), 0.0, 0.0, zeros(state.batch_stats))
+    (grads, loss, correct, stats), _ = jax.lax.scan(micro_step, init,
+                                                    (images, labels),
+                                                    unroll=unroll or True)
   k = float(num_micro_batches)
   mean = lambda tree: jax.tree_util.tree_map(lambda x: x / k, tree)
   grads, stats = mean(grads), mean(stats)
