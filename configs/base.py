@@ -118,6 +118,7 @@ def get_base_config() -> config_dict.ConfigDict:
   config.log_every_steps = 20
   # Checkpoints: every this many updates and at every stage boundary.
   config.checkpoint_every_steps = 500
+  config.checkpoint_every_minutes = 0.0  # Also save after this long; 0 = off.
   config.checkpoints_to_keep = 3
   # Persistent XLA compilation cache; None = <workdir>/compilation_cache.
   config.compilation_cache_dir = placeholder(str)

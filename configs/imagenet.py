@@ -43,6 +43,7 @@ def get_imagenet_config():
   s.max_batch = 81920
   s.warmup_epochs = 5.0
   config.eval_every_epochs = 5.0
+  config.eval_batch_size = 1024  # A multiple of every pod slice's core count.
   config.log_every_steps = 50
   return config
 

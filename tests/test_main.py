@@ -59,4 +59,5 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   line = r.stderr.strip().splitlines()[-1]
   assert line.startswith(f"error: workdir {workdir} holds a run of a different "
                          "config: "), r.stderr
-  assert line.endswith("config: seed (1 → 0); use a new --workdir"), line
+  assert line.endswith("config: seed (1 → 0); use a new --workdir, or pass "
+                       "--allow_config_change to resume with it"), line

@@ -70,8 +70,8 @@ def test_checkpoints_at_stage_ends_and_interval(run):
   _, workdir, _ = run
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                  if d.isdigit())
-  # Stage ends at 16, 24, 28 (the last); interval 10 → 10, 20; keep last 3.
-  assert steps == [20, 24, 28]
+  # Stage ends 16, 24, 28 are kept; interval 10 → 10, 20; the last 3 kept.
+  assert steps == [16, 20, 24, 28]
 
 
 def test_rerun_of_a_finished_run_trains_nothing(run):
@@ -98,3 +98,36 @@ def test_non_finite_loss_stops_the_run_naming_step_and_stage(tmp_path):
                      match=r"non-finite loss .* at step \d+ \(stage 0, B=64\); "
                      r"no checkpoint yet"):
     loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_metrics_writer_drops_a_line_cut_by_a_kill(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"kind": "train", "step": 1}\n{"kind": "tra')
+  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  writer.write("train", 2, train_loss=0.5)
+  writer.close()
+  records = metrics_lib.read_metrics(str(tmp_path))
+  assert records == [dict(kind="train", step=1),
+                     dict(kind="train", step=2, train_loss=0.5)]
+
+
+def test_disk_full_during_save_stops_with_one_line(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+  from trainer import checkpoint as checkpoint_lib
+  real_save = ocp.CheckpointManager.save
+  calls = []
+
+  def save(self, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) > 1:
+      raise OSError(28, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  config = tiny_config()
+  with pytest.raises(checkpoint_lib.CheckpointError) as info:
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert str(info.value) == (
+      f"saving checkpoint step 16 in {tmp_path}/checkpoints failed "
+      "([Errno 28] No space left on device); earlier checkpoints [10] are intact")
+  assert os.listdir(tmp_path / "checkpoints") == ["10"]

@@ -2,52 +2,170 @@
 
 One `CheckpointManager` under `<workdir>/checkpoints` holds, per saved step,
 the state (params, batch-norm statistics, optimizer state, step) and a JSON
-`meta` item with `examples_seen` and the stage: the input stream is keyed by
-(seed, examples seen), so that is all a resume needs to continue exactly.
-Saves are asynchronous: the step loop does not wait for the disk.
+`meta` item with `examples_seen`, the stage and the run's wall time: the input
+stream is keyed by (seed, examples seen), so that is all a resume needs to
+continue exactly. Saves are asynchronous (the step loop does not wait for the
+disk) and atomic (orbax writes to a temporary directory and renames it when
+complete, so a half-written checkpoint is never listed).
 """
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read; the message says which."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+def _shapes(tree) -> dict:
+  """{('params', 'Conv_0', 'kernel'): shape} for every array leaf."""
+  def name(entry):
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(name(e) for e in path): tuple(leaf.shape)
+          for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _check_shapes(step: int, saved, abstract_state) -> None:
+  """CheckpointError when a checkpoint holds another model's arrays."""
+  have, want = _shapes(saved), _shapes(abstract_state)
+  differ = [f"{'/'.join(k)} {have.get(k)} vs {want.get(k)}"
+            for k in sorted(have.keys() | want.keys()) if have.get(k) != want.get(k)]
+  if differ:
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    raise CheckpointError(
+        f"checkpoint step {step} holds another model (checkpoint vs this "
+        f"config: {'; '.join(differ[:3])}{more}); use a new --workdir")
 
 
 class Checkpointer:
-  """Saves every `every_steps` updates and when asked (stage boundaries)."""
+  """Saves every `every_steps` updates or `every_minutes`, and when forced.
 
-  def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int):
+  Keeps the latest `max_to_keep` checkpoints plus those at `keep_steps` (the
+  stage boundaries).
+  """
+
+  def __init__(self, workdir: str, *, every_steps: int, every_minutes: float,
+               max_to_keep: int, keep_steps=()):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._workdir = workdir
     self._every_steps = every_steps
+    self._every_seconds = 60.0 * every_minutes
+    self._last_save = time.monotonic()
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(max_to_keep),
+        checkpoint_managers.CustomSteps(list(keep_steps))])
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=True),
-        item_names=("state", "meta"))
+            preservation_policy=policy, enable_async_checkpointing=True),
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           meta=ocp.JsonCheckpointHandler()))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, abstract_state):
-    """(state, meta) of the latest checkpoint, sharded like `abstract_state`;
-    None when there is none."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
-  def maybe_save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-    """Starts an asynchronous save when due (or forced); True if it did."""
-    if not force and step % self._every_steps:
-      return False
+  def restore(self, abstract_state):
+    """(state, meta) of the newest readable checkpoint, or None if none.
+
+    A newest checkpoint that cannot be read (truncated, corrupt) is moved to
+    `<workdir>/corrupt_checkpoints/` with a warning and the previous one is
+    tried. If none can be read, CheckpointError names the first failure.
+    """
+    first_error = None
+    for step in reversed(self.all_steps()):
+      try:
+        saved = self._manager.item_metadata(step)["state"]
+      except Exception:  # pylint: disable=broad-except
+        saved = None  # Unreadable metadata: let the restore below report it.
+      if saved is not None:
+        _check_shapes(step, saved, abstract_state)
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        first_error = first_error or (step, e)
+        print(f"warning: checkpoint step {step} in {self.directory} is "
+              f"unreadable ({_first_line(e)}); trying the previous one",
+              flush=True)
+        continue
+      if first_error is not None:
+        self._set_aside(step)
+      return restored["state"], dict(restored["meta"])
+    if first_error is not None:
+      step, e = first_error
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be restored into this model; "
+          f"step {step}: {_first_line(e)}")
+    return None
+
+  def _set_aside(self, good_step: int) -> None:
+    """Moves checkpoints newer than `good_step` out of orbax's directory, so
+    the run re-creates them instead of skipping their steps."""
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.abspath(self._workdir), "corrupt_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for step in self.all_steps():
+        if step > good_step:
+          target = os.path.join(aside, f"{step}-{int(time.time())}")
+          shutil.move(os.path.join(self.directory, str(step)), target)
+          print(f"warning: moved unreadable checkpoint step {step} to {target}",
+                flush=True)
+    multihost_utils.sync_global_devices("checkpoint_set_aside")
+    self._manager.reload()
+
+  def due(self, step: int) -> bool:
+    """True when the interval (steps, or minutes on process 0's clock) is up."""
+    due = step % self._every_steps == 0
+    if self._every_seconds > 0 and not due:
+      late = time.monotonic() - self._last_save >= self._every_seconds
+      if jax.process_count() > 1:  # Every process must agree to save.
+        late = bool(multihost_utils.broadcast_one_to_all(np.array(late)))
+      due = late
+    return due
+
+  def save(self, step: int, state, meta: dict) -> None:
+    """Starts an asynchronous save of `step` (skipped if already saved)."""
     if step in self._manager.all_steps():
-      return False
-    return self._manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      return
+    try:
+      self._manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._last_save = time.monotonic()
+
+  def _save_error(self, step, error) -> CheckpointError:
+    kept = self.all_steps()
+    return CheckpointError(
+        f"saving checkpoint step {step} in {self.directory} failed "
+        f"({_first_line(error)}); earlier checkpoints {kept} are intact")
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves; raises CheckpointError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._manager.latest_step(), e) from e
+    finally:
+      self._manager.close()

@@ -19,12 +19,17 @@ from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
 from trainer import optimizer as optimizer_lib
 from trainer import plan as plan_lib
+from trainer import preemption as preemption_lib
 from trainer import step as step_lib
 from trainer import workdir as workdir_lib
 
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite."""
+
+
+# Failures during a run that end it with one line (bad input is ValueError).
+RUN_ERRORS = (TrainingDiverged, checkpoint_lib.CheckpointError)
 
 
 def create_train_state(config, model, tx, mesh, rng):
@@ -84,10 +89,12 @@ def evaluate(state, eval_fn, config, mesh, source) -> dict:
               eval_examples=int(totals["count"]))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns the final record: step, examples_seen and the last evaluation.
+  Returns the final record: step, examples_seen, whether the run was
+  `preempted`, and the last evaluation.
   """
   is_chief = jax.process_index() == 0
   # Every check that can fail on bad input runs before the workdir is touched.
@@ -105,20 +112,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sources = dict(train=input_pipeline.train_source(config),
                  eval=input_pipeline.eval_source(config))
 
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    workdir_lib.record_config(workdir, config)
+  workdir_lib.prepare(workdir)
+  lock = workdir_lib.Lock(workdir) if is_chief else None
+  try:
+    workdir_lib.check_config(workdir, config, allow_config_change)
+    return _train(config, workdir, plan, mesh, model, tx, sources, is_chief)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
+  """Restores or creates the state, compiles, runs the loop, closes up."""
   compile_lib.enable_compilation_cache(
       config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"))
-
   replicated = mesh_lib.replicated(mesh)
   state = create_train_state(config, model, tx, mesh,
                              jax.random.PRNGKey(config.seed))
   checkpoints = checkpoint_lib.Checkpointer(
       workdir, every_steps=config.checkpoint_every_steps,
-      max_to_keep=config.checkpoints_to_keep)
+      every_minutes=config.checkpoint_every_minutes,
+      max_to_keep=config.checkpoints_to_keep,
+      keep_steps=[s.start_step + s.num_steps for s in plan.stages])
   examples_seen, wall_time = 0, 0.0
-  restored = checkpoints.restore(state)
+  try:
+    restored = checkpoints.restore(state)
+  except checkpoint_lib.CheckpointError:
+    checkpoints.close()
+    raise
+  if is_chief:  # Only once the checkpoint is known to fit this config.
+    workdir_lib.record_config(workdir, config)
   if restored is not None:
     state, meta = restored
     examples_seen = int(meta["examples_seen"])
@@ -150,14 +173,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"{jax.process_count()} process(es), {mesh.size} devices; "
           f"workdir {os.path.abspath(workdir)}", flush=True)
 
+  preemption = preemption_lib.PreemptionWatcher()
   try:
     final = _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
-                 eval_fn, checkpoints, writer, is_chief, sources)
+                 eval_fn, checkpoints, writer, is_chief, sources, preemption)
   finally:
+    preemption.close()
     compiler.close()
-    checkpoints.close()
     writer.close()
+    checkpoints.close()  # Waits for the last save; raises if it failed.
   if is_chief:
+    if final["preempted"]:
+      print(f"preempted: saved step {final['step']} in {checkpoints.directory}; "
+            "rerun the same command to resume", flush=True)
     print(f"done: metrics in {writer.path}, checkpoints in "
           f"{checkpoints.directory}", flush=True)
   return final
@@ -180,7 +208,7 @@ def _check_eval_batch(config, num_devices):
 
 
 def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
-         eval_fn, checkpoints, writer, is_chief, sources):
+         eval_fn, checkpoints, writer, is_chief, sources, preemption):
   """The step loop; `wall_time` (seconds) continues a resumed run's clock."""
   n = plan.num_train_examples
   replicated = mesh_lib.replicated(mesh)
@@ -191,7 +219,7 @@ def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
   compiler.start(list(dict.fromkeys(sizes)))
   run_start = time.perf_counter() - wall_time
   clock = _Clock(time.perf_counter(), examples_seen)
-  last_eval = {}
+  last_eval, preempted = {}, False
   with input_pipeline.train_batches(
       config, plan, start_examples=examples_seen,
       process_index=jax.process_index(),
@@ -253,7 +281,12 @@ def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
                 f"loss {last_eval['eval_loss']:.4f} "
                 f"accuracy {last_eval['eval_accuracy']:.4f}", flush=True)
         clock.reset(examples_seen)  # Evaluation time is not training time.
-      meta = dict(examples_seen=examples_seen, step=step, stage=pos.stage,
-                  wall_time=time.perf_counter() - run_start)
-      checkpoints.maybe_save(step, state, meta, force=stage_end or done)
-  return dict(step=int(state.step), examples_seen=examples_seen, **last_eval)
+      preempted = preemption.should_stop(step)
+      if stage_end or done or preempted or checkpoints.due(step):
+        checkpoints.save(step, state, dict(
+            examples_seen=examples_seen, step=step, stage=pos.stage,
+            wall_time=time.perf_counter() - run_start))
+      if preempted:
+        break
+  return dict(step=int(state.step), examples_seen=examples_seen,
+              preempted=preempted, **last_eval)

@@ -11,6 +11,8 @@ from absl import logging
 from trainer import cli
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a workdir whose recorded config differs from --config.")
 
 
 def main(argv):
@@ -21,8 +23,9 @@ def main(argv):
     cli.fail("--workdir is required")
   from trainer import loop  # Imports JAX; after the cheap checks.
   try:
-    cli.run_or_exit(loop.train_and_evaluate, config, cli.FLAGS.workdir)
-  except loop.TrainingDiverged as e:
+    cli.run_or_exit(loop.train_and_evaluate, config, cli.FLAGS.workdir,
+                    cli.FLAGS.allow_config_change)
+  except loop.RUN_ERRORS as e:
     cli.fail(str(e))
 
 

@@ -12,6 +12,17 @@ import threading
 from tensorboardX import SummaryWriter
 
 
+def _drop_partial_last_line(path: str) -> None:
+  """A run killed mid-write leaves a line without its newline: cut it off so
+  the resumed run's records start on a line of their own."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsWriter:
   """Appends records to `<workdir>/metrics.jsonl` and TensorBoard events."""
 
@@ -20,6 +31,7 @@ class MetricsWriter:
     self._lock = threading.Lock()  # Compile records come from a thread.
     self.path = os.path.join(workdir, "metrics.jsonl")
     if enabled:
+      _drop_partial_last_line(self.path)
       self._file = open(self.path, "a", encoding="utf-8")
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -1,4 +1,4 @@
-"""Compare runs: a Markdown table and PNG figures from workdirs' metrics.jsonl.
+r"""Compare runs: a Markdown table and PNG figures from workdirs' metrics.jsonl.
 
     python -m trainer.report RUN_DIR [RUN_DIR ...] --out DIR \
         [--target_accuracy 0.9] [--labels a,b,...] [--no_band]
@@ -31,7 +31,8 @@ import numpy as np
 FIGURES = ("accuracy_vs_epochs.png", "loss_vs_epochs.png",
            "accuracy_vs_updates.png", "accuracy_vs_time.png", "schedule.png")
 _REQUIRED = dict(
-    train=("examples_seen", "epoch", "batch_size", "learning_rate", "train_loss"),
+    train=("examples_seen", "epoch", "batch_size", "learning_rate",
+           "train_loss"),
     eval=("examples_seen", "epoch", "eval_accuracy"))
 _SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
 _DASH = "—"
@@ -89,7 +90,7 @@ def read_records(path: str) -> list[dict]:
   records of those steps belong to the abandoned attempt.
   """
   latest = {}
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -97,9 +98,10 @@ def read_records(path: str) -> list[dict]:
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise ReportError(f"{path} line {number}: not valid JSON ({e.msg})")
-      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        raise ReportError(f"{path} line {number}: not a record with an "
-                          "integer 'step'")
+      if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
+              and isinstance(record.get("step"), int)):
+        raise ReportError(f"{path} line {number}: not a record with a 'kind' "
+                          "and an integer 'step'")
       kind = record.get("kind")
       missing = [k for k in _REQUIRED.get(kind, ())
                  if not isinstance(record.get(k), (int, float))]
@@ -118,7 +120,8 @@ def load_run(workdir: str, label: str | None = None) -> Run:
     raise ReportError(f"run directory {workdir} does not exist")
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
-    raise ReportError(f"{workdir} has no metrics.jsonl (not a training workdir?)")
+    raise ReportError(f"{workdir} has no metrics.jsonl (not a training "
+                      "workdir?)")
   records = read_records(path)
   train = [r for r in records if r.get("kind") == "train"]
   evals = [r for r in records if r.get("kind") == "eval"]
@@ -173,11 +176,9 @@ def summarize(runs: list[Run], target_accuracy: float) -> dict:
   return out
 
 
-def mean_std(values) -> tuple[float, float] | None:
+def mean_std(values) -> tuple[float, float]:
   """Mean and sample standard deviation (n-1; 0 for one value)."""
   values = np.array(values, float)
-  if not len(values):
-    return None
   std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
   return float(values.mean()), std
 
@@ -190,7 +191,8 @@ def _format_stat(values, fmt, unit="") -> str:
   if not reached:
     return "not reached"
   mean, std = mean_std(reached)
-  text = fmt(mean) + (f" ± {fmt(std)}" if len(reached) > 1 else "") + unit
+  # Identical values (the updates of seeds of one plan) need no "± 0".
+  text = fmt(mean) + (f" ± {fmt(std)}" if std > 0 else "") + unit
   if len(reached) < len(values):
     text += f" ({len(reached)}/{len(values)} seeds)"
   return text
@@ -220,7 +222,8 @@ def markdown_table(groups: dict[str, list[Run]], target_accuracy: float) -> str:
     s = summarize(runs, target_accuracy)
     kinds = sorted({r.schedule for r in runs if r.schedule})
     accuracy = [None if a is None else 100 * a for a in s["final_accuracy"]]
-    cells = [label, str(len(runs)), ", ".join(kinds) or _DASH,
+    cells = [label.replace("|", "\\|"), str(len(runs)),
+             ", ".join(kinds) or _DASH,
              _format_stat(accuracy, lambda x: f"{x:.2f}"),
              _format_stat(s["updates"], lambda x: f"{x:,.0f}"),
              _format_seconds(s["seconds"]),
@@ -265,28 +268,32 @@ def _mean_curve(curves):
 def _plot(ax, groups, curve_of, band, **style):
   """Draws each group's mean curve; returns whether anything was drawn."""
   drawn = False
-  for color, (label, runs) in zip(_colors(), groups.items()):
+  for (color, dashes), (label, runs) in zip(_styles(), groups.items()):
     curves = [c for c in map(curve_of, runs) if c is not None]
     mean = _mean_curve(curves)
     if mean is None or not len(mean[0]):
       continue
     x, y, std = mean
-    ax.plot(x, y, color=color, label=f"{label} (n={len(curves)})"
-            if len(runs) > 1 else label, **style)
+    ax.plot(x, y, color=color, linestyle=dashes,
+            label=f"{label} (n={len(curves)})" if len(runs) > 1 else label,
+            **style)
     if band and len(curves) > 1:
       ax.fill_between(x, y - std, y + std, color=color, alpha=0.2, lw=0)
     drawn = True
   return drawn
 
 
-def _colors():
+def _styles():
+  """(color, line style) per group; styles tell apart curves that overlap."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  dashes = ["-", "--", "-.", ":"]
+  return [(colors[i % len(colors)], dashes[i % len(dashes)]) for i in range(99)]
 
 
 def draw_figures(groups: dict[str, list[Run]], out_dir: str,
                  band: bool = True) -> list[str]:
-  """Writes the PNG figures that the runs' records allow; returns their paths."""
+  """Writes the PNG figures the runs' records allow; returns their paths."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -311,9 +318,11 @@ def draw_figures(groups: dict[str, list[Run]], out_dir: str,
        accuracy(lambda run: [r["epoch"] for r in run.evals])),
       ("loss_vs_epochs.png", "epochs", "training loss (cross-entropy)",
        lambda run: ([r["epoch"] for r in run.train],
-                    [r["train_loss"] for r in run.train]) if run.train else None),
+                    [r["train_loss"] for r in run.train])
+       if run.train else None),
       ("accuracy_vs_updates.png", "parameter updates (steps)",
-       "test accuracy (%)", accuracy(lambda run: [r["step"] for r in run.evals])),
+       "test accuracy (%)",
+       accuracy(lambda run: [r["step"] for r in run.evals])),
       ("accuracy_vs_time.png", f"wall-clock training time ({unit})",
        "test accuracy (%)", accuracy(eval_time)),
   ]
@@ -322,8 +331,11 @@ def draw_figures(groups: dict[str, list[Run]], out_dir: str,
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     if _plot(ax, groups, curve_of, band, lw=1.5):
       ax.set(xlabel=xlabel, ylabel=ylabel)
-      if name.startswith("loss") and ax.get_ylim()[0] > 0:
-        ax.set_yscale("log")
+      lows = [min(l.get_ydata()) for l in ax.lines]
+      if name.startswith("loss") and min(lows) > 0:
+        ax.set_yscale("log")  # Limits from the means: a band may reach 0.
+        ax.set_ylim(min(lows) / 1.2,
+                    1.2 * max(max(l.get_ydata()) for l in ax.lines))
       ax.grid(alpha=0.3)
       ax.legend()
       fig.tight_layout()
@@ -342,6 +354,11 @@ def draw_figures(groups: dict[str, list[Run]], out_dir: str,
     ax.grid(alpha=0.3, which="both")
   if lr_ax.lines:
     batch_ax.set_yscale("log")
+    sizes = sorted({r["batch_size"] for runs in groups.values() for run in runs
+                    for r in run.train})
+    if len(sizes) <= 8:  # Label the stages' own sizes, not powers of ten.
+      batch_ax.set_yticks(sizes, [str(b) for b in sizes])
+      batch_ax.minorticks_off()
     lr_ax.legend()
     fig.tight_layout()
     written.append(_save(fig, out_dir, "schedule.png"))
@@ -368,9 +385,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> None:
-  parser = _Parser(prog="python -m trainer.report",
-                   description=__doc__.split("\n")[0])
-  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+  parser = _Parser(prog="python -m trainer.report", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                      help="A training workdir (holds metrics.jsonl).")
   parser.add_argument("--out", required=True, help="Directory for the report.")
   parser.add_argument("--target_accuracy", type=float, default=0.9,
                       help="Test accuracy (a fraction) for time-to-target.")
@@ -393,7 +411,7 @@ def main(argv=None) -> None:
     _fail(f"--out={args.out} exists and is not a directory")
   try:
     runs = [load_run(d, label) for d, label in zip(args.run_dirs, labels)]
-  except (ReportError, OSError, UnicodeDecodeError) as e:
+  except (ReportError, OSError) as e:
     _fail(str(e))
   for run in runs:
     if not run.evals:

@@ -1,12 +1,59 @@
-"""The workdir's record of the config a run was started with."""
+"""The workdir: a lock against two runs, and the config a run started with."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import time
 
 
 class WorkdirError(ValueError):
-  """The workdir holds something this run must not touch."""
+  """The workdir cannot be used by this run; the message says why."""
+
+
+def prepare(workdir: str) -> None:
+  """Creates `workdir` and checks that it is writable."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable: "
+                       f"{e.strerror or e}") from e
+
+
+class Lock:
+  """An exclusive lock on `<workdir>/lock`, held for the whole run.
+
+  The kernel drops it when the process dies, so a killed run never leaves a
+  stale lock behind. (A local filesystem is assumed.)
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "lock")
+    self._file = open(self.path, "a+", encoding="utf-8")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        raise WorkdirError(
+            f"workdir {workdir} is in use by {holder}; wait for that run or "
+            "choose another --workdir") from e
+      raise
+    self._file.truncate(0)
+    self._file.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    self._file.flush()
+
+  def release(self) -> None:
+    if not self._file.closed:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
 
 
 def _flatten(tree, prefix=""):
@@ -20,26 +67,49 @@ def _flatten(tree, prefix=""):
   return out
 
 
-def record_config(workdir: str, config) -> None:
-  """Writes `<workdir>/config.json`, or checks that the run's config matches.
-
-  Raises WorkdirError listing the differing fields: resuming a run under a
-  different config would silently mix two experiments.
-  """
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
-  if not os.path.exists(path):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-    return
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """`field (old → new)` for every field that differs, sorted."""
   a, b = _flatten(saved), _flatten(current)
-  differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+  return [f"{k} ({a.get(k)!r} → {b.get(k)!r})"
+          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _saved_config(workdir: str):
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def check_config(workdir: str, config, allow_change: bool = False) -> None:
+  """Raises WorkdirError if the workdir's run had another config.
+
+  Resuming under a different config would silently mix two experiments, so
+  the differing fields are listed, unless `allow_change`.
+  """
+  saved = _saved_config(workdir)
+  if saved is None or allow_change:
+    return
+  differ = config_differences(saved, json.loads(config.to_json()))
   if differ:
-    shown = ", ".join(f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in differ[:5])
+    shown = ", ".join(differ[:5])
     more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
     raise WorkdirError(
         f"workdir {workdir} holds a run of a different config: {shown}{more}; "
-        "use a new --workdir")
+        "use a new --workdir, or pass --allow_config_change to resume with it")
+
+
+def record_config(workdir: str, config) -> None:
+  """Writes `<workdir>/config.json`; a different earlier record is kept as
+  `config.<unix time>.json`."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  saved = _saved_config(workdir)
+  if saved == current:
+    return
+  if saved is not None:
+    os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
