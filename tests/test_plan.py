@@ -1,6 +1,5 @@
 """Table tests of the schedule planner (pure Python, no JAX)."""
 import json
-import math
 import subprocess
 import sys
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from absl import app
 from absl import flags
@@ -26,7 +26,7 @@ def define_plan_flags() -> None:
   flags.DEFINE_string("json", None, "Also write the plan as JSON to this path.")
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 

@@ -15,6 +15,7 @@ import input_pipeline
 import models
 from trainer import checkpoint as checkpoint_lib
 from trainer import compile as compile_lib
+from trainer import distributed
 from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
 from trainer import optimizer as optimizer_lib
@@ -170,8 +171,13 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       out_shardings=replicated)
   if is_chief:
     print(plan.table(), flush=True)
-    print(f"{jax.process_count()} process(es), {mesh.size} devices; "
-          f"workdir {os.path.abspath(workdir)}", flush=True)
+    print(f"{distributed.describe()}; workdir {workdir}", flush=True)
+    for batch_size in plan.batch_sizes:
+      k = compile_lib.micro_batches(batch_size, mesh.size,
+                                    config.max_device_batch,
+                                    config.ghost_batch_size)
+      print(f"B={batch_size}: {batch_size // mesh.size} examples per device "
+            f"in {k} micro-batch(es)", flush=True)
 
   preemption = preemption_lib.PreemptionWatcher()
   try:

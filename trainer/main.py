@@ -13,6 +13,13 @@ from trainer import cli
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir whose recorded config differs from --config.")
+flags.DEFINE_bool("multihost", False,
+                  "Call jax.distributed.initialize() with no arguments (TPU pods "
+                  "find their peers by themselves).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs elsewhere.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
@@ -21,7 +28,12 @@ def main(argv):
   config = cli.config()
   if not cli.FLAGS.workdir:
     cli.fail("--workdir is required")
-  from trainer import loop  # Imports JAX; after the cheap checks.
+  from trainer import distributed  # Imports JAX; after the cheap checks.
+  cli.run_or_exit(distributed.initialize, multihost=cli.FLAGS.multihost,
+                  coordinator_address=cli.FLAGS.coordinator_address,
+                  num_processes=cli.FLAGS.num_processes,
+                  process_id=cli.FLAGS.process_id)
+  from trainer import loop
   try:
     cli.run_or_exit(loop.train_and_evaluate, config, cli.FLAGS.workdir,
                     cli.FLAGS.allow_config_change)

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sys
+import typing
 
 import numpy as np
 
@@ -374,7 +375,7 @@ def _save(fig, out_dir, name):
 
 # The command.
 
-def _fail(message: str) -> "NoReturn":  # noqa: F821
+def _fail(message: str) -> typing.NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 
