@@ -34,9 +34,9 @@ Subcommands:
            unpacked into ~/$REMOTE_DIR, replacing it. Then, idempotently:
            a virtual environment ~/$REMOTE_VENV made with --python
            (PYTHON-venv is apt-installed if venv fails), and
-           \`pip install -e ~/$REMOTE_DIR JAX_PACKAGE -f LIBTPU_URL\`
+           \`pip install -e ~/${REMOTE_DIR}[gcs] JAX_PACKAGE -f LIBTPU_URL\`
            (JAX's version range comes from setup.py).
-  train    Start \`python -m trainer.main --config=CONFIG --workdir=WORKDIR
+  train    Start \`python -m trainer.main --multihost --config=CONFIG --workdir=WORKDIR
            [--config.FIELD=VALUE ...]\` under nohup on all workers at once
            (tpu-vm ssh --worker=all). Each worker appends the output to
            ~/$REMOTE_LOG and keeps the trainer's pid in
@@ -390,14 +390,17 @@ setup() {
   install+="; sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $py $py-venv"
   install+="; $py -m venv $REMOTE_VENV; fi; fi"
   install+="; $pip --upgrade pip"
-  install+="; $pip -e ./$REMOTE_DIR $(quoted "$jax_package" -f "$libtpu_url")"
+  # The gcs extra lets the trainer read and write gs:// paths.
+  install+="; $pip -e \"./${REMOTE_DIR}[gcs]\" $(quoted "$jax_package" -f "$libtpu_url")"
   install+="; echo \"grow-batch installed on \$(hostname)\""
   on_workers all "$install"
 }
 
 train() {
   local args command
-  args="$(quoted -m trainer.main "--config=$config" "--workdir=$workdir" \
+  # --multihost: every worker joins JAX's distributed runtime (peers are
+  # found from the TPU metadata), which also enables preemption sync.
+  args="$(quoted -m trainer.main --multihost "--config=$config" "--workdir=$workdir" \
     ${overrides[@]+"${overrides[@]}"} ${trainer_flags[@]+"${trainer_flags[@]}"})"
   command="set -e; cd \"\$HOME\"; $(refuse_if_training)"
   command+="; if [ ! -x $REMOTE_VENV/bin/python ]; then"

@@ -25,5 +25,9 @@ setuptools.setup(
         "matplotlib>=3.8,<4",
         "pillow>=10",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        # gs:// workdirs and data: epath's and tensorboardX's GCS backends.
+        "gcs": ["gcsfs", "google-cloud-storage"],
+    },
 )

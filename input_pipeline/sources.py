@@ -12,10 +12,10 @@ Three kinds, chosen by `config.dataset.source`:
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Protocol
 
+from etils import epath
 import numpy as np
 
 from input_pipeline import idx
@@ -110,10 +110,11 @@ def _not_prepared(name: str, where: str) -> DataError:
 def _check_data_dir(data_dir: str | None) -> None:
   if data_dir is None:
     return  # TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets).
-  if not os.path.isdir(data_dir):
+  path = epath.Path(data_dir)  # Local or gs:// (with gcsfs installed).
+  if not path.is_dir():
     raise DataError(f"dataset.data_dir={data_dir} does not exist; set it to the "
                     "directory that holds the TFDS-prepared datasets")
-  if not os.listdir(data_dir):
+  if not any(path.iterdir()):
     raise DataError(f"dataset.data_dir={data_dir} is empty; prepare the dataset "
                     "there with `tfds build NAME --file_format=array_record "
                     f"--data_dir={data_dir}`")

@@ -238,7 +238,7 @@ def test_setup_copies_the_tree_and_installs_idempotently(fake, tmp_path):
   fake_bin.mkdir()
   (fake_bin / "python3.11").write_text(FAKE_PYTHON311)
   (fake_bin / "python3.11").chmod(0o755)
-  pip = ("-m pip install --quiet -e ./grow-batch jax[tpu] "
+  pip = ("-m pip install --quiet -e ./grow-batch[gcs] jax[tpu] "
          "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html")
   for attempt in (1, 2):  # A second setup reuses the virtual environment.
     shutil.copy(fake.scp_dir / "grow-batch.tar.gz", home)
@@ -286,7 +286,7 @@ def test_setup_options_reach_the_install_command(fake):
   command = remote_command(fake.calls()[1])
   words = shlex.split(command.replace(";", " ; "))
   assert words.count("python3.12") >= 2 and "python3.12-venv" in words
-  i = words.index("./grow-batch")
+  i = words.index("./grow-batch[gcs]")
   assert words[i + 1:i + 4] == ["jax[tpu]==0.10.2", "-f",
                                 "https://example.com/libtpu.html"]
 
@@ -339,7 +339,7 @@ def test_train_passes_overrides_intact(fake, tmp_path):
     assert "training started on" in r.stdout
     wait_for(home / "argv.json")
     argv = json.loads((home / "argv.json").read_text())
-    assert argv == ["-m", "trainer.main", *TRAIN_ARGS, *TRICKY,
+    assert argv == ["-m", "trainer.main", "--multihost", *TRAIN_ARGS, *TRICKY,
                     "--allow_config_change", "it's after --"]
     pid = int((home / "grow-batch-train.pid").read_text())
     os.kill(pid, 0)  # The pid file names the running trainer.

@@ -11,11 +11,11 @@ complete, so a half-written checkpoint is never listed).
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
@@ -63,8 +63,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int, every_minutes: float,
                max_to_keep: int, keep_steps=()):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._workdir = workdir
+    root = workdir if "://" in workdir else os.path.abspath(workdir)
+    self.directory = os.path.join(root, "checkpoints")
     self._every_steps = every_steps
     self._every_seconds = 60.0 * every_minutes
     self._last_save = time.monotonic()
@@ -123,12 +123,12 @@ class Checkpointer:
     """Moves checkpoints newer than `good_step` out of orbax's directory, so
     the run re-creates them instead of skipping their steps."""
     if jax.process_index() == 0:
-      aside = os.path.join(os.path.abspath(self._workdir), "corrupt_checkpoints")
-      os.makedirs(aside, exist_ok=True)
+      aside = epath.Path(self.directory).parent / "corrupt_checkpoints"
+      aside.mkdir(parents=True, exist_ok=True)
       for step in self.all_steps():
         if step > good_step:
-          target = os.path.join(aside, f"{step}-{int(time.time())}")
-          shutil.move(os.path.join(self.directory, str(step)), target)
+          target = aside / f"{step}-{int(time.time())}"
+          (epath.Path(self.directory) / str(step)).rename(target)
           print(f"warning: moved unreadable checkpoint step {step} to {target}",
                 flush=True)
     multihost_utils.sync_global_devices("checkpoint_set_aside")

@@ -292,6 +292,7 @@ def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
         checkpoints.save(step, state, dict(
             examples_seen=examples_seen, step=step, stage=pos.stage,
             wall_time=time.perf_counter() - run_start))
+        writer.sync()
       if preempted:
         break
   return dict(step=int(state.step), examples_seen=examples_seen,

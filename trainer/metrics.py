@@ -2,13 +2,18 @@
 
 Only process 0 writes. Each record has a `kind` (`train`, `eval`, `compile`)
 and its fields; numeric fields also go to TensorBoard under `<kind>/<name>`.
+Object stores cannot append, so for a remote workdir (`gs://...`) the file is
+kept in a local copy and uploaded whole at every `sync()` (the loop calls it
+with each checkpoint) and on close.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 
+from etils import epath
 from tensorboardX import SummaryWriter
 
 
@@ -30,10 +35,18 @@ class MetricsWriter:
     self._enabled = enabled
     self._lock = threading.Lock()  # Compile records come from a thread.
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if enabled:
-      _drop_partial_last_line(self.path)
-      self._file = open(self.path, "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._remote = "://" in workdir
+    if not enabled:
+      return
+    local = self.path
+    if self._remote:
+      local = os.path.join(tempfile.mkdtemp(prefix="metrics_"), "metrics.jsonl")
+      if epath.Path(self.path).exists():
+        epath.Path(self.path).copy(local)
+    self._local = local
+    _drop_partial_last_line(local)
+    self._file = open(local, "a", encoding="utf-8")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, kind: str, step: int, **fields) -> None:
     if not self._enabled:
@@ -46,8 +59,16 @@ class MetricsWriter:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
           self._tb.add_scalar(f"{kind}/{name}", value, int(step))
 
+  def sync(self) -> None:
+    """Uploads the records of a remote workdir (local ones are always there)."""
+    if self._enabled and self._remote:
+      with self._lock:
+        epath.Path(self._local).copy(self.path, overwrite=True)
+        self._tb.flush()
+
   def close(self) -> None:
     if self._enabled:
+      self.sync()
       with self._lock:
         self._file.close()
         self._tb.close()
@@ -55,6 +76,6 @@ class MetricsWriter:
 
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
   """The records of a workdir's metrics.jsonl, optionally of one kind."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+  records = [json.loads(line) for line in text.splitlines() if line.strip()]
   return [r for r in records if kind is None or r["kind"] == kind]

@@ -1,4 +1,7 @@
-"""The workdir: a lock against two runs, and the config a run started with."""
+"""The workdir: a lock against two runs, and the config a run started with.
+
+Workdirs may be local or remote (`gs://...`, through etils.epath).
+"""
 from __future__ import annotations
 
 import errno
@@ -7,19 +10,25 @@ import json
 import os
 import time
 
+from etils import epath
+
 
 class WorkdirError(ValueError):
   """The workdir cannot be used by this run; the message says why."""
 
 
+def is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
 def prepare(workdir: str) -> None:
   """Creates `workdir` and checks that it is writable."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
     raise WorkdirError(f"workdir {workdir} is not writable: "
                        f"{e.strerror or e}") from e
@@ -29,11 +38,16 @@ class Lock:
   """An exclusive lock on `<workdir>/lock`, held for the whole run.
 
   The kernel drops it when the process dies, so a killed run never leaves a
-  stale lock behind. (A local filesystem is assumed.)
+  stale lock behind. Remote workdirs have no such lock: a warning says so.
   """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "lock")
+    if is_remote(workdir):
+      print(f"warning: {workdir} is remote and cannot be locked; make sure no "
+            "other run uses it", flush=True)
+      self._file = None
+      return
     self._file = open(self.path, "a+", encoding="utf-8")
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,7 +65,7 @@ class Lock:
     self._file.flush()
 
   def release(self) -> None:
-    if not self._file.closed:
+    if self._file is not None and not self._file.closed:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
 
@@ -75,11 +89,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def _saved_config(workdir: str):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def check_config(workdir: str, config, allow_change: bool = False) -> None:
@@ -103,13 +116,13 @@ def check_config(workdir: str, config, allow_change: bool = False) -> None:
 def record_config(workdir: str, config) -> None:
   """Writes `<workdir>/config.json`; a different earlier record is kept as
   `config.<unix time>.json`."""
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   current = json.loads(config.to_json())
   saved = _saved_config(workdir)
   if saved == current:
     return
   if saved is not None:
-    os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+    path.rename(path.parent / f"config.{int(time.time())}.json")
+  tmp = path.parent / "config.json.tmp"
+  tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+  tmp.rename(path)
