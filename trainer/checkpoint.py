@@ -62,12 +62,13 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, every_steps: int, every_minutes: float,
-               max_to_keep: int, keep_steps=()):
+               max_to_keep: int, keep_steps=(), clock=time.monotonic):
     root = workdir if "://" in workdir else os.path.abspath(workdir)
     self.directory = os.path.join(root, "checkpoints")
     self._every_steps = every_steps
     self._every_seconds = 60.0 * every_minutes
-    self._last_save = time.monotonic()
+    self._clock = clock  # Seconds; injectable for tests.
+    self._last_save = clock()
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(max_to_keep),
         checkpoint_managers.CustomSteps(list(keep_steps))])
@@ -138,7 +139,7 @@ class Checkpointer:
     """True when the interval (steps, or minutes on process 0's clock) is up."""
     due = step % self._every_steps == 0
     if self._every_seconds > 0 and not due:
-      late = time.monotonic() - self._last_save >= self._every_seconds
+      late = self._clock() - self._last_save >= self._every_seconds
       if jax.process_count() > 1:  # Every process must agree to save.
         late = bool(multihost_utils.broadcast_one_to_all(np.array(late)))
       due = late
@@ -153,7 +154,7 @@ class Checkpointer:
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
-    self._last_save = time.monotonic()
+    self._last_save = self._clock()
 
   def _save_error(self, step, error) -> CheckpointError:
     kept = self.all_steps()

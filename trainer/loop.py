@@ -78,12 +78,13 @@ def _format_eta(seconds: float) -> str:
 def evaluate(state, eval_fn, config, mesh, source) -> dict:
   """Loss and accuracy over the whole eval split (padding masked out)."""
   totals = dict(loss_sum=0.0, correct_sum=0.0, count=0.0)
-  for batch in input_pipeline.eval_batches(
+  with input_pipeline.eval_batches(
       config, config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), source=source):
-    out = jax.device_get(eval_fn(state, mesh_lib.global_batch(batch, mesh)))
-    for k in totals:
-      totals[k] += float(out[k])
+      process_count=jax.process_count(), source=source) as batches:
+    for batch in batches:
+      out = jax.device_get(eval_fn(state, mesh_lib.global_batch(batch, mesh)))
+      for k in totals:
+        totals[k] += float(out[k])
   count = max(totals["count"], 1.0)
   return dict(eval_loss=totals["loss_sum"] / count,
               eval_accuracy=totals["correct_sum"] / count,
