@@ -24,9 +24,10 @@ setuptools.setup(
         "tensorboardX>=2.6,<2.7",
         "matplotlib>=3.8,<4",
         "pillow>=10",
+        "etils[epath]>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        "test": ["pytest>=8,<10", "portpicker>=1.5"],
         # gs:// workdirs and data: epath's and tensorboardX's GCS backends.
         "gcs": ["gcsfs", "google-cloud-storage"],
     },
