@@ -1,11 +1,16 @@
-"""Examples/s of the compiled train step across global batch sizes.
+"""Examples/s of the train step across global batch sizes, device counts,
+accumulation modes and micro-batch sizes, side by side in one invocation.
 
     python benchmarks/train_step.py --config=configs/fashion_mnist.py \
-        --batch_sizes=128,512 --devices=1,8 [--set max_device_batch=64 ...]
+        --batch_sizes=128,512,1024 --devices=8 --accumulation=host,compiled \
+        [--max_device_batch=16,32,64] [--set model.width=8 ...]
 
-Each device count runs in its own subprocess (XLA fixes it at start-up); all
-figures come from the same invocation so they can be compared side by side.
-Data is random; only the step is timed (after one warm-up step).
+Each device count runs in its own subprocess (XLA fixes it at start-up).
+Data is random numpy on the host, handed over as the trainer does (the host
+side of micro-batching is timed too); each row runs one warm-up step, then
+`--steps` timed steps. The last column divides by the best single-batch row
+(no micro-batching) of the same device count: micro-batching should not make
+a large B slower per example than the best B that needs none.
 """
 import argparse
 import ast
@@ -16,19 +21,8 @@ import sys
 import time
 
 
-def measure(config_path, batch_sizes, steps, overrides):
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from ml_collections import config_flags  # noqa: F401 (loads config files)
+def load_config(config_path, overrides):
   from ml_collections.config_flags import config_flags as cf
-
-  import models
-  from trainer import compile as compile_lib
-  from trainer import loop
-  from trainer import mesh as mesh_lib
-  from trainer import optimizer as optimizer_lib
-
   path, _, variant = config_path.partition(":")
   config = cf._LoadConfigModule("bench_config", path).get_config(variant or None)
   for item in overrides:
@@ -37,73 +31,112 @@ def measure(config_path, batch_sizes, steps, overrides):
     node = config
     for name in parents:
       node = node[name]
-    node[leaf] = ast.literal_eval(value)
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
+def measure(args):
+  import jax
+  import numpy as np
+
+  import models
+  from trainer import compile as compile_lib
+  from trainer import loop
+  from trainer import mesh as mesh_lib
+  from trainer import optimizer as optimizer_lib
+
+  config = load_config(args.config, args.set)
   mesh = mesh_lib.make_mesh()
   model = models.create_model(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.01,
                                     momentum=0.9)
-  state = loop.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   d = config.dataset
-  compiler = compile_lib.StepCompiler(
-      mesh=mesh, model=model, tx=tx, abstract_state=abstract,
-      image_shape=(d.image_size, d.image_size, d.channels),
-      max_device_batch=config.max_device_batch,
-      ghost_batch_size=config.ghost_batch_size,
-      micro_batch_unroll=config.micro_batch_unroll, on_compiled=lambda *a: None)
   hyper = {k: jax.device_put(np.float32(v), mesh_lib.replicated(mesh))
-           for k, v in dict(learning_rate=0.01, momentum=0.9, bn_decay=0.9).items()}
-  rows = []
+           for k, v in dict(learning_rate=0.01, momentum=0.9,
+                            bn_decay=0.9).items()}
   rng = np.random.default_rng(0)
-  for b in batch_sizes:
-    step = compiler.compile(b)
-    batch = mesh_lib.global_batch(dict(
-        image=rng.normal(size=(b, d.image_size, d.image_size, d.channels)).astype(np.float32),
-        label=rng.integers(0, d.num_classes, b).astype(np.int32)), mesh)
-    state, m = step(state, batch, hyper)
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, m = step(state, batch, hyper)
-      jax.block_until_ready(m)
-    seconds = (time.perf_counter() - start) / steps
-    rows.append(dict(devices=mesh.size, batch_size=b,
-                     micro_batches=compile_lib.micro_batches(
-                         b, mesh.size, config.max_device_batch,
-                         config.ghost_batch_size),
-                     step_seconds=seconds, examples_per_second=b / seconds))
-  compiler.close()
+  rows = []
+  device_batches = ([int(x) for x in args.max_device_batch.split(",")]
+                    if args.max_device_batch else [config.max_device_batch])
+  for accumulation in args.accumulation.split(","):
+    for device_batch in device_batches:
+      state = loop.create_train_state(config, model, tx, mesh,
+                                      jax.random.PRNGKey(0))
+      abstract = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+          state)
+      compiler = compile_lib.StepCompiler(
+          mesh=mesh, model=model, tx=tx, abstract_state=abstract,
+          image_shape=(d.image_size, d.image_size, d.channels),
+          max_device_batch=device_batch,
+          ghost_batch_size=config.ghost_batch_size,
+          micro_batch_unroll=config.micro_batch_unroll,
+          accumulation=accumulation, on_compiled=lambda *a: None)
+      for b in [int(x) for x in args.batch_sizes.split(",")]:
+        step = compiler.get(b)
+        batch = dict(
+            image=rng.normal(size=(b, d.image_size, d.image_size,
+                                   d.channels)).astype(np.float32),
+            label=rng.integers(0, d.num_classes, b).astype(np.int32))
+        state, m = step(state, batch, hyper)
+        jax.device_get(m)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+          state, m = step(state, batch, hyper)
+          jax.device_get(m)
+        seconds = (time.perf_counter() - start) / args.steps
+        rows.append(dict(
+            devices=mesh.size, accumulation=accumulation,
+            max_device_batch=device_batch, batch_size=b,
+            micro_batches=compile_lib.micro_batches(
+                b, mesh.size, device_batch, config.ghost_batch_size),
+            step_seconds=seconds, examples_per_second=b / seconds))
+      compiler.close()
   return rows
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/fashion_mnist.py")
-  p.add_argument("--batch_sizes", default="128,512")
-  p.add_argument("--devices", default="1,8")
+  p.add_argument("--batch_sizes", default="128,512,1024")
+  p.add_argument("--devices", default="8")
+  p.add_argument("--accumulation", default="host,compiled",
+                 help="comma-separated accumulation modes to compare")
+  p.add_argument("--max_device_batch", default="",
+                 help="comma-separated micro-batch sizes per device to sweep "
+                      "(default: the config's)")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--set", action="append", default=[],
                  help="config override FIELD=VALUE, e.g. model.width=8")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
-  sizes = [int(x) for x in a.batch_sizes.split(",")]
   if a.child:
-    print(json.dumps(measure(a.config, sizes, a.steps, a.set)))
+    print(json.dumps(measure(a)))
     return
   rows = []
   for n in a.devices.split(","):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+    env = dict(os.environ,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
                JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     out = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, capture_output=True, text=True)
+    if out.returncode:
+      sys.exit(f"benchmark child for {n} devices failed:\n{out.stderr[-3000:]}")
     rows += json.loads(out.stdout.strip().splitlines()[-1])
-  best = max(r["examples_per_second"] for r in rows)
-  print(f"{'devices':>7} {'B':>6} {'micro':>5} {'ms/step':>8} {'ex/s':>8} {'vs best':>7}")
+  print(f"{'devices':>7} {'accumulation':>12} {'dev.batch':>9} {'B':>6} "
+        f"{'micro':>5} {'ms/step':>8} {'ex/s':>8} {'vs best unsplit':>15}")
   for r in rows:
-    print(f"{r['devices']:>7} {r['batch_size']:>6} {r['micro_batches']:>5} "
-          f"{1000 * r['step_seconds']:>8.1f} {r['examples_per_second']:>8.0f} "
-          f"{r['examples_per_second'] / best:>7.2f}")
+    single = [s["examples_per_second"] for s in rows
+              if s["devices"] == r["devices"] and s["micro_batches"] == 1]
+    ratio = (f"{r['examples_per_second'] / max(single):>15.2f}"
+             if single else f"{'-':>15}")
+    print(f"{r['devices']:>7} {r['accumulation']:>12} "
+          f"{r['max_device_batch']:>9} {r['batch_size']:>6} "
+          f"{r['micro_batches']:>5} {1000 * r['step_seconds']:>8.1f} "
+          f"{r['examples_per_second']:>8.0f} {ratio}")
 
 
 if __name__ == "__main__":

@@ -76,10 +76,18 @@ def get_base_config() -> config_dict.ConfigDict:
   config.bn_momentum = 0.9
   config.bn_momentum_examples = 128
   # Largest per-device share computed at once; a larger share is split into
-  # micro-batches whose gradients are accumulated inside one step.
+  # micro-batches of this size whose gradients are summed before one update.
+  # benchmarks/train_step.py --sweep finds the fastest size for a machine.
   config.max_device_batch = 256
-  # Micro-batches per iteration of the accumulation loop; 0 unrolls it fully
-  # (fastest; XLA:CPU ran a looped step ~12x slower). A positive value bounds
+  # Where micro-batches are summed. 'host': two compiled functions
+  # (accumulate one micro-batch on each device, apply the update) called by
+  # the host k times and once per step; every stage past max_device_batch
+  # reuses them, so growing B compiles nothing and keeps the examples/s of
+  # the micro-batch size. 'compiled': one step per batch size with the
+  # micro-batch loop inside (no host round trips, one compile per stage).
+  config.accumulation = "host"
+  # 'compiled' only: micro-batches per iteration of the loop; 0 unrolls it
+  # fully (XLA:CPU ran a looped step ~12x slower). A positive value bounds
   # compile time when a stage needs very many micro-batches.
   config.micro_batch_unroll = 0
 

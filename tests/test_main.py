@@ -30,6 +30,8 @@ BAD = [
      "max_device_batch=12 is not a multiple of ghost_batch_size=8"),
     ([SMOKE, "--config.eval_batch_size=100"],
      "eval_batch_size=100 must be a positive multiple of the device count 8"),
+    ([SMOKE, "--config.accumulation=device"],
+     "accumulation='device' is not one of host, compiled"),
     ([SMOKE, "--config.optimizer.name=lamb"], "optimizer.name='lamb' is unknown"),
     ([SMOKE, "--config.model.name=vgg"], "model.name"),
     ([SMOKE], "--workdir is required"),

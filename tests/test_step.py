@@ -60,6 +60,39 @@ def train(mesh, max_device_batch, num_steps=6, optimizer="momentum"):
   return k, losses, jax.device_get(state)
 
 
+def train_host(mesh, max_device_batch, num_steps=6):
+  """`train` through StepCompiler with host accumulation."""
+  config = tiny_config()
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  state = loop.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  compiler = host_compiler(mesh, model, tx, state, max_device_batch)
+  step = compiler.get(B)
+  replicated = mesh_lib.replicated(mesh)
+  hyper = {k: jax.device_put(np.float32(v), replicated) for k, v in
+           dict(learning_rate=0.1, momentum=0.9, bn_decay=0.5).items()}
+  losses = []
+  for batch in data(num_steps):
+    state, metrics = step(state, batch, hyper)
+    losses.append(float(metrics["train_loss"]))
+  compiler.close()
+  k = compile_lib.micro_batches(B, mesh.size, max_device_batch, 8)
+  return k, losses, jax.device_get(state)
+
+
+def host_compiler(mesh, model, tx, state, max_device_batch, compiled=None):
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state)
+  return compile_lib.StepCompiler(
+      mesh=mesh, model=model, tx=tx, abstract_state=abstract,
+      image_shape=(16, 16, 1), max_device_batch=max_device_batch,
+      ghost_batch_size=8, accumulation="host",
+      on_compiled=lambda b, k, s: (compiled if compiled is not None
+                                   else {}).setdefault(b, k))
+
+
 def one_device_mesh():
   return Mesh(np.array(jax.devices()[:1]), ("data",))
 
@@ -105,6 +138,50 @@ def test_micro_batches_on_eight_devices_match(reference):
   result = train(mesh, max_device_batch=8)
   assert result[0] == 4
   assert_same_training(reference, result)
+
+
+@pytest.mark.parametrize("devices,max_device_batch,k",
+                         [(1, 16, 4), (2, 8, 4), (8, 8, 1)])
+def test_host_accumulation_matches_whole_batch(reference, devices,
+                                               max_device_batch, k):
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+  result = train_host(mesh, max_device_batch)
+  assert result[0] == k
+  assert_same_training(reference, result)
+
+
+def test_host_accumulation_compiles_once_per_micro_batch_size():
+  mesh = mesh_lib.make_mesh()
+  config = tiny_config()
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  state = loop.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  compiled = {}
+  compiler = host_compiler(mesh, model, tx, state, max_device_batch=8,
+                           compiled=compiled)
+  # 64 fits in one micro-batch of 8 per device (a fused step); 128, 256 and
+  # 512 all run micro-batches of 8 per device: one more compile, not three.
+  compiler.start([64, 128, 256])
+  steps = {b: compiler.get(b) for b in (64, 128, 256, 512)}
+  assert compiled == {64: 1, 128: 2}
+  assert isinstance(steps[64], compile_lib.FusedStep)
+  assert all(isinstance(steps[b], compile_lib.AccumulatingStep)
+             for b in (128, 256, 512))
+  functions = compiler.compile_accumulation(256)
+  # Micro-batches accumulate on their own device; only the update reduces.
+  assert "all-reduce" not in functions["accumulate"].as_text()
+  assert "all-reduce" in functions["apply"].as_text()
+  compiler.close()
+
+
+def test_unknown_accumulation_mode_is_refused():
+  with pytest.raises(compile_lib.ConfigError,
+                     match="accumulation='device' is not one of host, compiled"):
+    compile_lib.StepCompiler(
+        mesh=None, model=None, tx=None, abstract_state=None,
+        image_shape=(16, 16, 1), max_device_batch=8, ghost_batch_size=8,
+        accumulation="device", on_compiled=print)
 
 
 def test_momentum_change_takes_effect():

@@ -1,18 +1,23 @@
-"""Ahead-of-time compilation: one train step per distinct stage batch size.
+"""Ahead-of-time compilation of the train step of every stage.
 
-The first stage's step compiles before the clock starts; the others compile in
-a background thread while training runs, so a stage switch does not stall.
+What is compiled per stage depends on `config.accumulation` (see
+`StepCompiler`). The first stage's functions compile before the clock
+starts; the others compile in a background thread while training runs, so a
+stage switch does not stall.
 JAX's persistent compilation cache makes a second launch nearly free.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import threading
 import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainer import mesh as mesh_lib
 from trainer import step as step_lib
@@ -54,26 +59,107 @@ def _check(ok, message):
     raise ConfigError(message)
 
 
+class FusedStep:
+  """A stage's update as one compiled function (`accumulation="compiled"`)."""
+
+  def __init__(self, compiled, mesh):
+    self.compiled, self._mesh = compiled, mesh
+
+  def __call__(self, state, local_batch, hyper):
+    return self.compiled(state, mesh_lib.global_batch(local_batch, self._mesh),
+                         hyper)
+
+
+class AccumulatingStep:
+  """A stage's update as k `accumulate_step` calls and one `apply_step`.
+
+  Micro-batch j takes rows j·m:(j+1)·m of every device's share of the
+  batch (m examples per device), as `step._split_micro_batches` does, so
+  both accumulation modes compute the same update.
+  """
+
+  def __init__(self, *, mesh, micro_batches: int, device_batch: int,
+               init, accumulate, apply):
+    self._mesh, self._k, self._m = mesh, micro_batches, device_batch
+    self._init, self._accumulate, self._apply = init, accumulate, apply
+    self._k_scalar = jax.device_put(np.float32(micro_batches),
+                                    mesh_lib.replicated(mesh))
+
+  def _micro_batch(self, local_batch, j):
+    out = {}
+    for key, x in local_batch.items():
+      if not isinstance(x, np.ndarray):
+        continue
+      if self._k == 1:
+        out[key] = x
+        continue
+      devices = x.shape[0] // (self._k * self._m)
+      x = x.reshape(devices, self._k, self._m, *x.shape[1:])[:, j]
+      out[key] = x.reshape(devices * self._m, *x.shape[2:])
+    return mesh_lib.global_batch(out, self._mesh)
+
+  def __call__(self, state, local_batch, hyper):
+    accumulators = self._init(state)
+    # No collective runs until `apply`, so the k calls queue up without waits.
+    for j in range(self._k):
+      accumulators = self._accumulate(accumulators, state,
+                                      self._micro_batch(local_batch, j))
+    return self._apply(state, accumulators,
+                       dict(hyper, micro_batches=self._k_scalar))
+
+
+ACCUMULATION_MODES = ("host", "compiled")
+
+
+def check_accumulation(accumulation: str) -> None:
+  _check(accumulation in ACCUMULATION_MODES,
+         f"accumulation={accumulation!r} is not one of "
+         f"{', '.join(ACCUMULATION_MODES)}")
+
+
 class StepCompiler:
-  """Compiles and hands out the train step of each stage batch size."""
+  """Compiles and hands out the train step of each stage batch size.
+
+  `accumulation="compiled"` compiles one fused step per distinct batch size
+  (micro-batches looped inside it). `accumulation="host"` does the same for
+  batch sizes that need no micro-batching (one micro-batch runs fastest as
+  one fused function), and compiles the accumulate and apply functions once
+  per per-device micro-batch size for the others: every stage past
+  `max_device_batch` reuses them.
+  """
 
   def __init__(self, *, mesh, model, tx, abstract_state, image_shape,
                max_device_batch: int, ghost_batch_size: int,
-               micro_batch_unroll: int = 0,
+               micro_batch_unroll: int = 0, accumulation: str = "compiled",
                on_compiled: Callable[[int, int, float], None]):
+    check_accumulation(accumulation)
     self._mesh, self._model, self._tx = mesh, model, tx
     self._state = abstract_state
     self._image_shape = tuple(image_shape)
     self._max_device_batch = max_device_batch
     self._ghost = ghost_batch_size
     self._unroll = micro_batch_unroll
+    self.accumulation = accumulation
     self._on_compiled = on_compiled
     self._futures: dict[int, concurrent.futures.Future] = {}
+    self._lock = threading.Lock()
     self._pool = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="compile")
 
+  def _abstract_batch(self, batch_size):
+    data = mesh_lib.batch_sharding(self._mesh)
+    return dict(
+        image=jax.ShapeDtypeStruct((batch_size, *self._image_shape),
+                                   jnp.float32, sharding=data),
+        label=jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data))
+
+  def _hyper(self, *names):
+    scalar = jax.ShapeDtypeStruct((), jnp.float32,
+                                  sharding=mesh_lib.replicated(self._mesh))
+    return {name: scalar for name in names}
+
   def compile(self, batch_size: int):
-    """Lowers and compiles the step for `batch_size` (blocking)."""
+    """Lowers and compiles the fused step for `batch_size` (blocking)."""
     n = self._mesh.size
     k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
     state_sharding = mesh_lib.replicated(self._mesh)
@@ -85,34 +171,104 @@ class StepCompiler:
         in_shardings=(state_sharding, data, state_sharding),
         out_shardings=(state_sharding, state_sharding),
         donate_argnums=(0,))
-    batch = dict(
-        image=jax.ShapeDtypeStruct((batch_size, *self._image_shape),
-                                   jnp.float32, sharding=data),
-        label=jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=state_sharding)
-    hyper = dict(learning_rate=scalar, momentum=scalar, bn_decay=scalar)
     start = time.perf_counter()
-    compiled = fn.lower(self._state, batch, hyper).compile()
+    compiled = fn.lower(self._state, self._abstract_batch(batch_size),
+                        self._hyper("learning_rate", "momentum",
+                                    "bn_decay")).compile()
     seconds = time.perf_counter() - start
     self._on_compiled(batch_size, k, seconds)
     return compiled
+
+  def compile_accumulation(self, batch_size: int):
+    """Compiles init, accumulate and apply for `batch_size`'s micro-batch
+    size (blocking); returns them as a dict of compiled functions."""
+    n = self._mesh.size
+    k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
+    m = batch_size // n // k
+    replicated = mesh_lib.replicated(self._mesh)
+    per_device = NamedSharding(self._mesh, P(mesh_lib.DATA_AXIS))
+
+    def init(state):
+      return jax.tree_util.tree_map(
+          lambda x: jnp.broadcast_to(x, (n, *x.shape)),
+          step_lib.init_accumulator(state))
+
+    def accumulate_one_device(accumulators, state, batch):
+      own = jax.tree_util.tree_map(lambda x: x[0], accumulators)
+      own = step_lib.accumulate_step(own, state, batch, model=self._model)
+      return jax.tree_util.tree_map(lambda x: x[None], own)
+
+    # check_vma=False: the gradient of each device's own loss stays local
+    # (with checking on, JAX would all-reduce it at every micro-batch).
+    accumulate = jax.shard_map(
+        accumulate_one_device, mesh=self._mesh,
+        in_specs=(P(mesh_lib.DATA_AXIS), P(), P(mesh_lib.DATA_AXIS)),
+        out_specs=P(mesh_lib.DATA_AXIS), check_vma=False)
+    start = time.perf_counter()
+    init_c = jax.jit(init, in_shardings=(replicated,),
+                     out_shardings=per_device).lower(self._state).compile()
+    abstract_acc = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=per_device),
+        jax.eval_shape(init, self._state))
+    accumulate_c = jax.jit(
+        accumulate, in_shardings=(per_device, replicated,
+                                  mesh_lib.batch_sharding(self._mesh)),
+        out_shardings=per_device, donate_argnums=(0,)).lower(
+            abstract_acc, self._state, self._abstract_batch(n * m)).compile()
+    apply_c = jax.jit(
+        functools.partial(step_lib.apply_step, tx=self._tx),
+        in_shardings=(replicated, per_device, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,)).lower(
+            self._state, abstract_acc,
+            self._hyper("learning_rate", "momentum", "bn_decay",
+                        "micro_batches")).compile()
+    seconds = time.perf_counter() - start
+    self._on_compiled(batch_size, k, seconds)
+    return dict(init=init_c, accumulate=accumulate_c, apply=apply_c)
+
+  def _key(self, batch_size):
+    """What is compiled for `batch_size`: a fused step for the batch size,
+    or (host accumulation of k > 1 micro-batches) the micro-batch size."""
+    n = self._mesh.size
+    k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
+    if self.accumulation == "compiled" or k == 1:
+      return ("fused", batch_size)
+    return ("micro", batch_size // n // k)
+
+  def _submit(self, batch_size, background: bool):
+    key = self._key(batch_size)
+    with self._lock:
+      if key not in self._futures:
+        work = (self.compile if key[0] == "fused"
+                else self.compile_accumulation)
+        if background:
+          self._futures[key] = self._pool.submit(work, batch_size)
+        else:
+          done = concurrent.futures.Future()
+          done.set_result(work(batch_size))
+          self._futures[key] = done
+      return self._futures[key]
 
   def start(self, batch_sizes) -> None:
     """Compiles the first size now and queues the rest in the background."""
     if not batch_sizes:
       return
     first, *rest = batch_sizes
-    done = concurrent.futures.Future()
-    done.set_result(self.compile(first))
-    self._futures[first] = done
+    self._submit(first, background=False)
     for b in rest:
-      self._futures[b] = self._pool.submit(self.compile, b)
+      self._submit(b, background=True)
 
   def get(self, batch_size: int):
-    """The compiled step for `batch_size`, waiting if it is still compiling."""
-    if batch_size not in self._futures:
-      self._futures[batch_size] = self._pool.submit(self.compile, batch_size)
-    return self._futures[batch_size].result()
+    """The step for `batch_size`, a callable (state, local batch, hyper) ->
+    (state, metrics); waits if it is still compiling."""
+    compiled = self._submit(batch_size, background=True).result()
+    if self._key(batch_size)[0] == "fused":
+      return FusedStep(compiled, self._mesh)
+    n = self._mesh.size
+    k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
+    return AccumulatingStep(mesh=self._mesh, micro_batches=k,
+                            device_batch=batch_size // n // k, **compiled)
 
   def close(self) -> None:
     self._pool.shutdown(wait=False, cancel_futures=True)

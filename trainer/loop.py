@@ -103,6 +103,7 @@ def train_and_evaluate(config, workdir: str,
   mesh = mesh_lib.make_mesh()
   plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
   _check_eval_batch(config, mesh.size)
+  compile_lib.check_accumulation(config.accumulation)
   for batch_size in plan.batch_sizes:
     compile_lib.micro_batches(batch_size, mesh.size, config.max_device_batch,
                               config.ghost_batch_size)
@@ -164,8 +165,9 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       max_device_batch=config.max_device_batch,
       ghost_batch_size=config.ghost_batch_size,
       micro_batch_unroll=config.micro_batch_unroll,
+      accumulation=config.accumulation,
       on_compiled=functools.partial(_record_compile, writer, start_step,
-                                    is_chief))
+                                    is_chief, config.accumulation))
   eval_fn = jax.jit(
       lambda st, b: step_lib.eval_step(st, b, model=model),
       in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
@@ -198,12 +200,15 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   return final
 
 
-def _record_compile(writer, step, is_chief, batch_size, micro_batches, seconds):
+def _record_compile(writer, step, is_chief, accumulation, batch_size,
+                    micro_batches, seconds):
   writer.write("compile", step, batch_size=batch_size,
                micro_batches=micro_batches, compile_seconds=seconds)
   if is_chief:
+    shared = (", shared by every larger B"
+              if accumulation == "host" and micro_batches > 1 else "")
     print(f"compiled the train step for B={batch_size} ({micro_batches} "
-          f"micro-batch(es)) in {seconds:.1f}s", flush=True)
+          f"micro-batch(es){shared}) in {seconds:.1f}s", flush=True)
 
 
 def _check_eval_batch(config, num_devices):
@@ -242,7 +247,7 @@ def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
               pos.batch_size, config.bn_momentum,
               config.bn_momentum_examples), replicated))
       start = time.perf_counter()
-      state, metrics = step_fn(state, mesh_lib.global_batch(local, mesh), hyper)
+      state, metrics = step_fn(state, local, hyper)
       # Waiting for each step keeps one step in flight; on CPU meshes two
       # in-flight steps can deadlock XLA's in-process all-reduce.
       metrics = jax.device_get(metrics)

@@ -4,7 +4,16 @@
 state, a global batch sharded on the mesh's `data` axis and the plan's scalars
 for this step, and returns the new state and metrics. Nothing else is read:
 the function is tested directly, and `trainer/compile.py` jits it once per
-stage shape.
+stage shape (`config.accumulation = "compiled"`).
+
+The same update split in two (`config.accumulation = "host"`):
+`accumulate_step` adds one micro-batch's gradients into a per-device
+accumulator (run on each device's share, no communication), and `apply_step`
+averages the accumulators over devices and micro-batches and updates the
+state. The host calls `accumulate_step` k times per update, so every stage
+runs the same two compiled functions at the same per-device micro-batch size:
+a stage switch compiles nothing and a large B runs at the examples/s of the
+best micro-batch size.
 """
 from __future__ import annotations
 
@@ -109,6 +118,69 @@ def train_step(state: TrainState, batch, hyper, *, model, tx,
                                        hyper["bn_decay"]),
       opt_state=opt_state)
   metrics = dict(train_loss=loss / k, train_accuracy=correct / k,
+                 grad_norm=optax.tree.norm(grads))
+  return new_state, metrics
+
+
+def _loss_and_stats(params, batch_stats, batch, *, model):
+  logits, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats}, batch["image"],
+      train=True, mutable=["batch_stats"])
+  loss = cross_entropy(logits, batch["label"])
+  correct = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  return loss, (correct, updates["batch_stats"])
+
+
+def init_accumulator(state: TrainState):
+  """Zero sums for one device: gradients, batch statistics, loss, accuracy."""
+  zeros = lambda tree: jax.tree_util.tree_map(
+      lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  return dict(grads=zeros(state.params), batch_stats=zeros(state.batch_stats),
+              loss=jnp.zeros((), jnp.float32),
+              correct=jnp.zeros((), jnp.float32))
+
+
+def accumulate_step(accumulator, state: TrainState, batch, *, model):
+  """Adds one micro-batch's mean gradient (and statistics) to `accumulator`.
+
+  Runs on one device's share of the micro-batch; nothing is reduced across
+  devices, so successive calls need no communication.
+  """
+  (loss, (correct, stats)), grads = jax.value_and_grad(
+      _loss_and_stats, has_aux=True)(state.params, state.batch_stats, batch,
+                                     model=model)
+  add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+  return dict(grads=add(accumulator["grads"], grads),
+              batch_stats=add(accumulator["batch_stats"], stats),
+              loss=accumulator["loss"] + loss,
+              correct=accumulator["correct"] + correct)
+
+
+def apply_step(state: TrainState, accumulators, hyper, *, tx):
+  """One update from per-device accumulators (leading axis: device).
+
+  `hyper` holds `learning_rate`, `momentum`, `bn_decay` and `micro_batches`,
+  the number of `accumulate_step` calls summed into each accumulator (a
+  runtime scalar, so one compiled function serves every stage). Returns
+  (new_state, metrics) like `train_step`.
+  """
+  num_devices = jax.tree_util.tree_leaves(accumulators)[0].shape[0]
+  count = hyper["micro_batches"] * num_devices
+  mean = lambda tree: jax.tree_util.tree_map(
+      lambda x: jnp.sum(x, axis=0) / count, tree)
+  grads, stats = mean(accumulators["grads"]), mean(accumulators["batch_stats"])
+  opt_state = optimizer_lib.set_hyperparams(
+      state.opt_state, learning_rate=hyper["learning_rate"],
+      momentum=hyper["momentum"])
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=update_running_stats(state.batch_stats, stats,
+                                       hyper["bn_decay"]),
+      opt_state=opt_state)
+  metrics = dict(train_loss=jnp.sum(accumulators["loss"]) / count,
+                 train_accuracy=jnp.sum(accumulators["correct"]) / count,
                  grad_norm=optax.tree.norm(grads))
   return new_state, metrics
 

@@ -51,20 +51,16 @@ SMOKE_TARGET_ACCURACY = 0.5  # 2,048 examples: smoke runs end near 55%.
 
 # The --dry_run estimate, from measurements on the 2-core development host
 # with 8 virtual devices (README; benchmarks/train_step.py): training ran at
-# 1,900 examples/s at B=128 and 1,671 at B=1024 in micro-batches of 16; 1,500
-# leaves a margin for a busy machine. Start-up (imports, data, state) took
-# ~20 s, an evaluation of the 10,000 test examples ~3 s, and compiling the
-# step 6.9 s, 17.6 s and 28.5 s for 1, 9 and 27 micro-batches per device.
-# Checked against `make run` (600k examples, 10 evaluations, 4 batch sizes):
-# the model gives 490 s, measured 386 s.
+# 1,160-1,500 examples/s at B=128 and 1,550-1,880 at B=1024-2048 in host-
+# accumulated micro-batches of 16; 1,500 leaves a margin for a busy machine.
+# Start-up (imports, data, state) took ~20 s, an evaluation of the 10,000 test
+# examples ~3 s, and compiling ~5-7 s per compiled shape: one fused step per
+# batch size that needs no micro-batching, one accumulate/apply pair for all
+# the others.
 EXAMPLES_PER_SECOND = 1500.0
 STARTUP_SECONDS = 20.0
 EVAL_SECONDS = 3.0
-
-
-def compile_seconds(micro_batches: int) -> float:
-  """Estimated compile time of one train step (s), per the measurements."""
-  return 7.0 + 0.8 * micro_batches
+COMPILE_SECONDS = 7.0
 
 
 class SuiteError(ValueError):
@@ -133,8 +129,9 @@ def estimate_seconds(run: Run) -> float:
   config, plan = run.config, run.plan
   eval_every = max(1, round(config.eval_every_epochs * plan.num_train_examples))
   evals = math.ceil(plan.total_examples / eval_every)
-  compiles = sum(compile_seconds(max(1, b // NUM_DEVICES // config.max_device_batch))
-                 for b in plan.batch_sizes)
+  shapes = {b if b // NUM_DEVICES <= config.max_device_batch else "micro"
+            for b in plan.batch_sizes}
+  compiles = COMPILE_SECONDS * len(shapes)
   return (plan.total_examples / EXAMPLES_PER_SECOND + evals * EVAL_SECONDS
           + STARTUP_SECONDS + compiles)
 
