@@ -15,11 +15,19 @@ Cases:
 For each worker count: wall-clock examples/s, and examples per CPU-second
 (process CPU time over all threads): the per-core figure, which says how many
 cores a given step rate needs.
+
+Then, in the same invocation, the train step of configs/fashion_mnist.py on 8
+virtual devices at `--step_batch_sizes` (benchmarks/train_step.py, host
+accumulation) and the ratio of the Fashion-MNIST pipeline's examples/s to the
+step's: the pipeline keeps ahead when the ratio is ≥ 3 (it shares the same
+cores while training, so its share of them is what counts).
 """
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -37,6 +45,10 @@ from trainer import plan as plan_lib
 
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "Measuring time per case (s).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "num_workers values.")
+_STEP_BATCH_SIZES = flags.DEFINE_string(
+    "step_batch_sizes", "128,1024",
+    "Train step batch sizes to compare the Fashion-MNIST pipeline with "
+    "(empty: skip).")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,6 +136,7 @@ def main(argv):
 
   print(f"host: {os.cpu_count()} CPU cores; {_SECONDS.value:g} s per row")
   print(f"{'case':<26}{'workers':>8}{'examples/s':>12}{'per CPU-s':>11}{'examples':>10}")
+  fashion_rates = []
   for name, make_config, context in cases:
     for workers in map(int, _WORKERS.value):
       config = make_config()
@@ -136,6 +149,32 @@ def main(argv):
       rate, per_cpu, examples = result
       print(f"{name:<26}{workers:>8}{rate:>12.0f}{per_cpu:>11.0f}{examples:>10}",
             flush=True)
+      if name == "fashion_mnist_idx":
+        fashion_rates.append(rate)
+  if fashion_rates and _STEP_BATCH_SIZES.value:
+    compare_with_step(min(fashion_rates), _STEP_BATCH_SIZES.value)
+
+
+def compare_with_step(input_rate: float, batch_sizes: str) -> None:
+  """Prints the step's examples/s and input_rate over it, per batch size."""
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "train_step.py")
+  out = subprocess.run(
+      [sys.executable, script, "--child", f"--batch_sizes={batch_sizes}",
+       "--accumulation=host", "--config=configs/fashion_mnist.py"],
+      env=env, capture_output=True, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if out.returncode:
+    sys.exit(f"train step benchmark failed:\n{out.stderr[-3000:]}")
+  print(f"\nfashion_mnist_idx (slowest worker count: {input_rate:.0f} ex/s) "
+        "against the default config's train step on 8 virtual devices:")
+  print(f"{'B':>6}{'step ex/s':>11}{'input/step':>12}")
+  for row in json.loads(out.stdout.strip().splitlines()[-1]):
+    print(f"{row['batch_size']:>6}{row['examples_per_second']:>11.0f}"
+          f"{input_rate / row['examples_per_second']:>12.1f}")
 
 
 if __name__ == "__main__":

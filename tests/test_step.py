@@ -74,8 +74,11 @@ def train_host(mesh, max_device_batch, num_steps=6):
            dict(learning_rate=0.1, momentum=0.9, bn_decay=0.5).items()}
   losses = []
   for batch in data(num_steps):
-    state, metrics = step(state, batch, hyper)
-    losses.append(float(metrics["train_loss"]))
+    # Every transfer is explicit (device_put, make_array_from_process_local_
+    # data, device_get): no hidden host round trip inside the step.
+    with jax.transfer_guard("disallow"):
+      state, metrics = step(state, batch, hyper)
+      losses.append(float(jax.device_get(metrics["train_loss"])))
   compiler.close()
   k = compile_lib.micro_batches(B, mesh.size, max_device_batch, 8)
   return k, losses, jax.device_get(state)

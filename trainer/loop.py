@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import math
 import os
+import resource
 import time
 
 import jax
@@ -211,6 +212,11 @@ def _record_compile(writer, step, is_chief, accumulation, batch_size,
           f"micro-batch(es){shared}) in {seconds:.1f}s", flush=True)
 
 
+def _peak_host_memory_mb() -> float:
+  """This process's peak resident memory so far (MiB; Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _check_eval_batch(config, num_devices):
   b = config.eval_batch_size
   if b <= 0 or b % num_devices:
@@ -239,6 +245,8 @@ def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
     for local in stream:
       pos = plan.at(local["examples_seen"])
       stage = plan.stages[pos.stage]
+      # step_time includes any wait for this stage's compile to finish.
+      start = time.perf_counter()
       step_fn = compiler.get(pos.batch_size)
       hyper = dict(
           learning_rate=_scalar(pos.learning_rate, replicated),
@@ -246,7 +254,6 @@ def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
           bn_decay=_scalar(models.running_stats_decay(
               pos.batch_size, config.bn_momentum,
               config.bn_momentum_examples), replicated))
-      start = time.perf_counter()
       state, metrics = step_fn(state, local, hyper)
       # Waiting for each step keeps one step in flight; on CPU meshes two
       # in-flight steps can deadlock XLA's in-process all-reduce.
@@ -272,6 +279,7 @@ def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
             noise_scale=pos.noise_scale,
             **{k: float(v) for k, v in metrics.items()},
             examples_per_second=rate, step_time=step_time,
+            peak_host_memory_mb=_peak_host_memory_mb(),
             wall_time=time.perf_counter() - run_start)
         writer.write("train", step, **record)
         if is_chief:

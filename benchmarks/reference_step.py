@@ -1,0 +1,297 @@
+"""Our train step against a plain Flax-ImageNet-style step, same process, same
+batch, same mesh; plus model-FLOPs utilisation.
+
+    python benchmarks/reference_step.py [--models=resnet50,small] \
+        [--image_size=64] [--batch_size=64] [--devices=8] [--steps=5]
+
+The reference is what a user of Flax's ImageNet example runs: a ResNet v1.5
+with ordinary `nn.BatchNorm` (statistics over the whole global batch, which
+jit turns into cross-device all-reduces, the sync batch norm of that
+example's pmap), optax SGD with Nesterov momentum, L2 weight decay in the
+loss, `jax.jit` with the batch sharded over the same `data` mesh axis and the
+state donated. Ours is `trainer/compile.py`'s step for the same config: ghost
+batch norm, running statistics at a per-example rate, momentum and ε as
+runtime scalars. Both get the same random batch.
+
+FLOPs per step come from XLA's cost analysis of the unpartitioned step
+(`Lowered.cost_analysis()`); the peak is measured in the same run as the
+best of a few float32 matmuls sharded over the same devices (one per device),
+so MFU = achieved FLOP/s / measured matmul FLOP/s on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODELS = {
+    # name: (config file, overrides)
+    "resnet50": ("configs/imagenet_resnet50.py",
+                 {"model.dtype": "float32"}),
+    "small": ("configs/fashion_mnist.py", {}),
+}
+
+
+def reference_model(config):
+  """ResNet v1.5 with plain batch norm, shaped like `models.create_model`."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  m = config.model
+  bottleneck = m.name == "resnet50"
+
+  class Block(nn.Module):
+    filters: int
+    strides: int
+
+    @nn.compact
+    def __call__(self, x, train):
+      norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                               momentum=0.9, epsilon=1e-5)
+      conv = functools.partial(nn.Conv, use_bias=False)
+      out_filters = self.filters * (4 if bottleneck else 1)
+      if bottleneck:
+        y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
+        y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides)(y)))
+        y = norm(scale_init=nn.initializers.zeros)(
+            conv(out_filters, (1, 1))(y))
+      else:
+        y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides)(x)))
+        y = norm(scale_init=nn.initializers.zeros)(
+            conv(out_filters, (3, 3))(y))
+      if x.shape != y.shape:
+        x = norm()(conv(out_filters, (1, 1), self.strides)(x))
+      return nn.relu(x + y)
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train):
+      if bottleneck:
+        x = nn.Conv(m.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+                    use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        sizes = (3, 4, 6, 3)
+      else:
+        x = nn.Conv(m.width, (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        sizes = (m.blocks_per_stage,) * 3
+      for i, n in enumerate(sizes):
+        for j in range(n):
+          x = Block(m.width * 2**i, 2 if i > 0 and j == 0 else 1)(x, train)
+      return nn.Dense(config.dataset.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+  return Net()
+
+
+def load(name, args):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks.train_step import load_config
+  path, overrides = MODELS[name]
+  overrides = dict(overrides)
+  if name == "resnet50":
+    overrides["dataset.image_size"] = args.image_size
+  overrides["ghost_batch_size"] = args.ghost_batch_size
+  config = load_config(path, [f"{k}={v}" for k, v in overrides.items()])
+  return config
+
+
+def measure(name, args):
+  import flax
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import models
+  from trainer import compile as compile_lib
+  from trainer import loop
+  from trainer import mesh as mesh_lib
+  from trainer import optimizer as optimizer_lib
+  from trainer import step as step_lib
+
+  config = load(name, args)
+  mesh = mesh_lib.make_mesh()
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  d, b = config.dataset, args.batch_size
+  rng = np.random.default_rng(0)
+  host_batch = dict(
+      image=rng.normal(size=(b, d.image_size, d.image_size,
+                             d.channels)).astype(np.float32),
+      label=rng.integers(0, d.num_classes, b).astype(np.int32))
+  batch = mesh_lib.global_batch(host_batch, mesh)
+  abstract = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      tree)
+
+  # Ours.
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  ours_state = loop.create_train_state(config, model, tx, mesh,
+                                       jax.random.PRNGKey(0))
+  compiler = compile_lib.StepCompiler(
+      mesh=mesh, model=model, tx=tx, abstract_state=abstract(ours_state),
+      image_shape=(d.image_size, d.image_size, d.channels),
+      max_device_batch=b, ghost_batch_size=config.ghost_batch_size,
+      on_compiled=lambda *a: None)
+  ours = compiler.compile(b)
+  hyper = {k: jax.device_put(np.float32(v), replicated) for k, v in
+           dict(learning_rate=0.1, momentum=0.9, bn_decay=0.9).items()}
+
+  # Reference.
+  ref_model = reference_model(config)
+  ref_tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+  weight_decay = config.optimizer.weight_decay
+
+  @flax.struct.dataclass
+  class RefState:
+    params: object
+    batch_stats: object
+    opt_state: object
+
+  def ref_init(key):
+    v = ref_model.init(key, jnp.zeros((1, d.image_size, d.image_size,
+                                       d.channels)), train=False)
+    return RefState(v["params"], v["batch_stats"], ref_tx.init(v["params"]))
+
+  def ref_step(state, batch):
+    def loss_fn(params):
+      logits, new = ref_model.apply(
+          {"params": params, "batch_stats": state.batch_stats},
+          batch["image"], train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, batch["label"]).mean()
+      l2 = sum(jnp.sum(p ** 2) for p in jax.tree_util.tree_leaves(params)
+               if p.ndim > 1)
+      return loss + 0.5 * weight_decay * l2, new["batch_stats"]
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = ref_tx.update(grads, state.opt_state, state.params)
+    return RefState(optax.apply_updates(state.params, updates), stats,
+                    opt_state), loss
+
+  ref_state = jax.jit(ref_init, out_shardings=replicated)(
+      jax.random.PRNGKey(0))
+  ref_jit = jax.jit(ref_step, in_shardings=(replicated, data),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+  ref = ref_jit.lower(abstract(ref_state), abstract(batch)).compile()
+
+  # FLOPs of one step, before partitioning (the whole global batch).
+  ours_lowered = jax.jit(functools.partial(
+      step_lib.train_step, model=model, tx=tx, num_devices=mesh.size)).lower(
+          abstract(ours_state), abstract(batch), abstract(hyper))
+  flops = dict(ours=_flops(ours_lowered),
+               reference=_flops(ref_jit.lower(abstract(ref_state),
+                                              abstract(batch))))
+
+  def timed(fn, state, *rest):
+    state, out = fn(state, *rest)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      state, out = fn(state, *rest)
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+  # Interleave the two so that a noisy neighbour hits both alike.
+  seconds = dict(ours=[], reference=[])
+  for _ in range(args.rounds):
+    seconds["ours"].append(timed(ours, ours_state, batch, hyper))
+    ours_state = loop.create_train_state(config, model, tx, mesh,
+                                         jax.random.PRNGKey(0))
+    seconds["reference"].append(timed(ref, ref_state, batch))
+    ref_state = jax.jit(ref_init, out_shardings=replicated)(
+        jax.random.PRNGKey(0))
+  compiler.close()
+  peak = matmul_peak(mesh)
+  rows = []
+  for who in ("ours", "reference"):
+    s = float(np.median(seconds[who]))
+    rows.append(dict(model=name, trainer=who, devices=mesh.size,
+                     image_size=d.image_size, batch_size=b,
+                     step_seconds=s, examples_per_second=b / s,
+                     step_flops=flops[who], mfu=flops[who] / s / peak,
+                     peak_flops=peak))
+  return rows
+
+
+def _flops(lowered) -> float:
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def matmul_peak(mesh, n=1024, repeats=5) -> float:
+  """Best float32 FLOP/s of one n x n matmul per device, all devices at once."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  sharding = NamedSharding(mesh, P("data"))
+  x = jax.device_put(jnp.ones((mesh.size, n, n), jnp.float32), sharding)
+  f = jax.jit(lambda a: jnp.einsum("dij,djk->dik", a, a),
+              out_shardings=sharding)
+  jax.block_until_ready(f(x))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(x))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 * mesh.size / best
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--models", default="resnet50,small")
+  p.add_argument("--image_size", type=int, default=64,
+                 help="ResNet-50 input size (the small model keeps 28)")
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--ghost_batch_size", type=int, default=8)
+  p.add_argument("--devices", default="8")
+  p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=2,
+                 help="alternating rounds of ours and the reference")
+  p.add_argument("--child", default="", help=argparse.SUPPRESS)
+  a = p.parse_args()
+  if a.child:
+    print(json.dumps(measure(a.child, a)))
+    return
+  rows = []
+  for name in a.models.split(","):
+    if name not in MODELS:
+      sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    env = dict(os.environ,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={a.devices}",
+               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    out = subprocess.run(
+        [sys.executable, __file__, f"--child={name}", *sys.argv[1:]],
+        env=env, capture_output=True, text=True)
+    if out.returncode:
+      sys.exit(f"benchmark for {name} failed:\n{out.stderr[-3000:]}")
+    rows += json.loads(out.stdout.strip().splitlines()[-1])
+  print(f"{'model':>9} {'trainer':>9} {'px':>4} {'B':>5} {'ms/step':>8} "
+        f"{'ex/s':>7} {'GFLOP/step':>10} {'MFU':>6} {'vs ref':>6}")
+  for r in rows:
+    ref = next(x for x in rows if x["model"] == r["model"]
+               and x["trainer"] == "reference")
+    print(f"{r['model']:>9} {r['trainer']:>9} {r['image_size']:>4} "
+          f"{r['batch_size']:>5} {1000 * r['step_seconds']:>8.1f} "
+          f"{r['examples_per_second']:>7.1f} {r['step_flops'] / 1e9:>10.2f} "
+          f"{r['mfu']:>6.1%} "
+          f"{r['examples_per_second'] / ref['examples_per_second']:>6.2f}")
+  print(f"peak: {rows[0]['peak_flops'] / 1e9:.1f} GFLOP/s float32 matmul over "
+        f"{rows[0]['devices']} devices")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  main()
