@@ -86,6 +86,9 @@ def get_base_config() -> config_dict.ConfigDict:
   # the micro-batch size. 'compiled': one step per batch size with the
   # micro-batch loop inside (no host round trips, one compile per stage).
   config.accumulation = "host"
+  # Per-step decay of the moving averages behind `grad_noise_scale` (host
+  # accumulation on 2+ devices; trainer/noise_scale.py).
+  config.noise_scale_decay = 0.98
   # 'compiled' only: micro-batches per iteration of the loop; 0 unrolls it
   # fully (XLA:CPU ran a looped step ~12x slower). A positive value bounds
   # compile time when a stage needs very many micro-batches.
@@ -99,7 +102,7 @@ def get_base_config() -> config_dict.ConfigDict:
   ))
 
   config.schedule = config_dict.ConfigDict(dict(
-      # 'decay_lr' | 'increase_batch' | 'hybrid'
+      # 'decay_lr' | 'increase_batch' | 'hybrid' | 'adaptive'
       kind="increase_batch",
       num_epochs=10.0,
       milestones_epochs=(4.0, 7.0, 9.0),
@@ -119,6 +122,16 @@ def get_base_config() -> config_dict.ConfigDict:
       # Cap on the global batch (examples); hybrid decays ε once B reaches it.
       max_batch=placeholder(int),
       warmup_epochs=0.0,
+      # kind='adaptive' (trainer/adaptive.py; milestones and decay_factor
+      # unused): every `adaptive_every_epochs` the batch grows to the largest
+      # B0 * adaptive_growth**j not above adaptive_scale * B_simple (the
+      # measured gradient noise scale), capped by max_batch; it never
+      # shrinks. ε stays at learning_rate ('constant', the paper's rule) or
+      # grows with B ('linear': learning_rate * B / B0).
+      adaptive_every_epochs=0.25,
+      adaptive_scale=1.0,
+      adaptive_growth=2,
+      adaptive_lr_rule="constant",
   ))
 
   config.eval_every_epochs = 1.0

@@ -60,7 +60,7 @@ def _check(ok, message):
 
 
 class FusedStep:
-  """A stage's update as one compiled function (`accumulation="compiled"`)."""
+  """A stage's update as one compiled function."""
 
   def __init__(self, compiled, mesh):
     self.compiled, self._mesh = compiled, mesh
@@ -120,12 +120,13 @@ def check_accumulation(accumulation: str) -> None:
 class StepCompiler:
   """Compiles and hands out the train step of each stage batch size.
 
-  `accumulation="compiled"` compiles one fused step per distinct batch size
-  (micro-batches looped inside it). `accumulation="host"` does the same for
-  batch sizes that need no micro-batching (one micro-batch runs fastest as
-  one fused function), and compiles the accumulate and apply functions once
-  per per-device micro-batch size for the others: every stage past
-  `max_device_batch` reuses them.
+  `accumulation="compiled"` compiles `step.train_step` once per distinct
+  batch size (micro-batches looped inside it). `accumulation="host"` builds
+  every step from `step.accumulate_step` and `step.apply_step` (which also
+  yield the per-device gradient norms of the noise scale): batch sizes that
+  need no micro-batching get the two composed into one function each; the
+  others share one accumulate/apply pair per per-device micro-batch size, so
+  every stage past `max_device_batch` reuses it.
   """
 
   def __init__(self, *, mesh, model, tx, abstract_state, image_shape,
@@ -180,8 +181,13 @@ class StepCompiler:
     return compiled
 
   def compile_accumulation(self, batch_size: int):
-    """Compiles init, accumulate and apply for `batch_size`'s micro-batch
-    size (blocking); returns them as a dict of compiled functions."""
+    """Compiles the host-accumulation functions for `batch_size` (blocking).
+
+    With k > 1 micro-batches: `init`, `accumulate` (one micro-batch of
+    `batch_size`'s per-device size) and `apply`, shared by every batch size
+    with that micro-batch size. With k = 1: `single`, the three composed
+    into one function for this batch size. Returns a dict of them.
+    """
     n = self._mesh.size
     k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
     m = batch_size // n // k
@@ -204,36 +210,50 @@ class StepCompiler:
         accumulate_one_device, mesh=self._mesh,
         in_specs=(P(mesh_lib.DATA_AXIS), P(), P(mesh_lib.DATA_AXIS)),
         out_specs=P(mesh_lib.DATA_AXIS), check_vma=False)
+    data = mesh_lib.batch_sharding(self._mesh)
+    apply = functools.partial(step_lib.apply_step, tx=self._tx)
     start = time.perf_counter()
-    init_c = jax.jit(init, in_shardings=(replicated,),
-                     out_shardings=per_device).lower(self._state).compile()
-    abstract_acc = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=per_device),
-        jax.eval_shape(init, self._state))
-    accumulate_c = jax.jit(
-        accumulate, in_shardings=(per_device, replicated,
-                                  mesh_lib.batch_sharding(self._mesh)),
-        out_shardings=per_device, donate_argnums=(0,)).lower(
-            abstract_acc, self._state, self._abstract_batch(n * m)).compile()
-    apply_c = jax.jit(
-        functools.partial(step_lib.apply_step, tx=self._tx),
-        in_shardings=(replicated, per_device, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,)).lower(
-            self._state, abstract_acc,
-            self._hyper("learning_rate", "momentum", "bn_decay",
-                        "micro_batches")).compile()
+    if k == 1:
+      # One micro-batch: the three as one function (one dispatch per step).
+      def single(state, batch, hyper):
+        return apply(state, accumulate(init(state), state, batch),
+                     dict(hyper, micro_batches=jnp.float32(1.0)))
+      compiled = dict(single=jax.jit(
+          single, in_shardings=(replicated, data, replicated),
+          out_shardings=(replicated, replicated), donate_argnums=(0,)).lower(
+              self._state, self._abstract_batch(batch_size),
+              self._hyper("learning_rate", "momentum", "bn_decay")).compile())
+    else:
+      abstract_acc = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=per_device),
+          jax.eval_shape(init, self._state))
+      compiled = dict(
+          init=jax.jit(init, in_shardings=(replicated,),
+                       out_shardings=per_device).lower(self._state).compile(),
+          accumulate=jax.jit(
+              accumulate, in_shardings=(per_device, replicated, data),
+              out_shardings=per_device, donate_argnums=(0,)).lower(
+                  abstract_acc, self._state,
+                  self._abstract_batch(n * m)).compile(),
+          apply=jax.jit(
+              apply, in_shardings=(replicated, per_device, replicated),
+              out_shardings=(replicated, replicated), donate_argnums=(0,)).lower(
+                  self._state, abstract_acc,
+                  self._hyper("learning_rate", "momentum", "bn_decay",
+                              "micro_batches")).compile())
     seconds = time.perf_counter() - start
     self._on_compiled(batch_size, k, seconds)
-    return dict(init=init_c, accumulate=accumulate_c, apply=apply_c)
+    return compiled
 
   def _key(self, batch_size):
     """What is compiled for `batch_size`: a fused step for the batch size,
     or (host accumulation of k > 1 micro-batches) the micro-batch size."""
     n = self._mesh.size
     k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
-    if self.accumulation == "compiled" or k == 1:
+    if self.accumulation == "compiled":
       return ("fused", batch_size)
+    if k == 1:
+      return ("single", batch_size)
     return ("micro", batch_size // n // k)
 
   def _submit(self, batch_size, background: bool):
@@ -263,8 +283,11 @@ class StepCompiler:
     """The step for `batch_size`, a callable (state, local batch, hyper) ->
     (state, metrics); waits if it is still compiling."""
     compiled = self._submit(batch_size, background=True).result()
-    if self._key(batch_size)[0] == "fused":
+    kind = self._key(batch_size)[0]
+    if kind == "fused":
       return FusedStep(compiled, self._mesh)
+    if kind == "single":
+      return FusedStep(compiled["single"], self._mesh)
     n = self._mesh.size
     k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
     return AccumulatingStep(mesh=self._mesh, micro_batches=k,

@@ -14,11 +14,13 @@ import numpy as np
 
 import input_pipeline
 import models
+from trainer import adaptive as adaptive_lib
 from trainer import checkpoint as checkpoint_lib
 from trainer import compile as compile_lib
 from trainer import distributed
 from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
+from trainer import noise_scale as noise_scale_lib
 from trainer import optimizer as optimizer_lib
 from trainer import plan as plan_lib
 from trainer import preemption as preemption_lib
@@ -105,7 +107,11 @@ def train_and_evaluate(config, workdir: str,
   plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
   _check_eval_batch(config, mesh.size)
   compile_lib.check_accumulation(config.accumulation)
-  for batch_size in plan.batch_sizes:
+  sizes = list(plan.batch_sizes)
+  if config.schedule.kind == "adaptive":
+    _check_adaptive(config, mesh.size)
+    sizes = adaptive_lib.allowed_batch_sizes(config.schedule, sizes[0])
+  for batch_size in sizes:
     compile_lib.micro_batches(batch_size, mesh.size, config.max_device_batch,
                               config.ghost_batch_size)
   model = models.create_model(config)
@@ -138,7 +144,7 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       every_minutes=config.checkpoint_every_minutes,
       max_to_keep=config.checkpoints_to_keep,
       keep_steps=[s.start_step + s.num_steps for s in plan.stages])
-  examples_seen, wall_time = 0, 0.0
+  examples_seen, wall_time, noise_state, decisions = 0, 0.0, None, []
   try:
     restored = checkpoints.restore(state)
   except checkpoint_lib.CheckpointError:
@@ -150,6 +156,10 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
     state, meta = restored
     examples_seen = int(meta["examples_seen"])
     wall_time = float(meta.get("wall_time", 0.0))
+    noise_state = meta.get("noise_scale")
+    decisions = [(int(x), int(b)) for x, b in meta.get("batch_decisions", [])]
+    if decisions:
+      plan = plan_lib.plan_from_config(config, mesh.size, decisions)
     if is_chief:
       print(f"resumed from step {int(state.step)} ({examples_seen} examples "
             f"seen) in {checkpoints.directory}", flush=True)
@@ -185,8 +195,11 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
 
   preemption = preemption_lib.PreemptionWatcher()
   try:
-    final = _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
-                 eval_fn, checkpoints, writer, is_chief, sources, preemption)
+    noise = noise_scale_lib.NoiseScaleTracker.from_state(
+        noise_state, config.noise_scale_decay)
+    final = _run(config, plan, state, examples_seen, wall_time, noise,
+                 decisions, mesh, compiler, eval_fn, checkpoints, writer,
+                 is_chief, sources, preemption)
   finally:
     preemption.close()
     compiler.close()
@@ -212,9 +225,41 @@ def _record_compile(writer, step, is_chief, accumulation, batch_size,
           f"micro-batch(es){shared}) in {seconds:.1f}s", flush=True)
 
 
+def _update_noise_scale(noise, metrics, batch_size, num_devices):
+  """Folds this step's gradient norms into `noise`; B_simple or None.
+
+  Needs the per-device norms of host accumulation and more than one device
+  (one device's batch is the global batch: no second batch size).
+  """
+  if "grad_sq_small" not in metrics or num_devices < 2:
+    return None
+  return noise.update(float(metrics["grad_sq_small"]),
+                      float(metrics["grad_sq_big"]),
+                      batch_size / num_devices, batch_size)
+
+
 def _peak_host_memory_mb() -> float:
   """This process's peak resident memory so far (MiB; Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check_adaptive(config, num_devices):
+  """The adaptive schedule needs the noise scale: host accumulation, 2+
+  devices, and every size it may pick must fit the dataset."""
+  if config.accumulation != "host":
+    raise compile_lib.ConfigError(
+        "schedule.kind='adaptive' measures the noise scale from per-device "
+        "gradients: set accumulation='host'")
+  if num_devices < 2:
+    raise compile_lib.ConfigError(
+        "schedule.kind='adaptive' needs at least 2 devices to measure the "
+        "noise scale (on CPU: XLA_FLAGS=--xla_force_host_platform_device_"
+        "count=8)")
+  n = config.dataset.num_train_examples
+  if config.schedule.max_batch > n:
+    raise compile_lib.ConfigError(
+        f"schedule.max_batch={config.schedule.max_batch} exceeds "
+        f"dataset.num_train_examples={n}")
 
 
 def _check_eval_batch(config, num_devices):
@@ -225,89 +270,126 @@ def _check_eval_batch(config, num_devices):
         f"count {num_devices}")
 
 
-def _run(config, plan, state, examples_seen, wall_time, mesh, compiler,
-         eval_fn, checkpoints, writer, is_chief, sources, preemption):
-  """The step loop; `wall_time` (seconds) continues a resumed run's clock."""
+def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
+         mesh, compiler, eval_fn, checkpoints, writer, is_chief, sources,
+         preemption):
+  """The step loop; `wall_time` (seconds) continues a resumed run's clock.
+
+  An adaptive schedule's batch decision ends the input stream and starts a
+  new one, from the same example, with the replanned batch sizes.
+  """
   n = plan.num_train_examples
+  s = config.schedule
+  adaptive = s.kind == "adaptive"
+  batch0 = plan.stages[0].batch_size
+  decide_every = max(1, round(s.adaptive_every_epochs * n))
+  next_decide = adaptive_lib.next_decision(examples_seen, decide_every)
   replicated = mesh_lib.replicated(mesh)
   eval_every = max(1, round(config.eval_every_epochs * n))
   next_eval = (examples_seen // eval_every + 1) * eval_every
-  sizes = [s.batch_size for s in plan.stages
-           if s.end_examples > examples_seen]
+  sizes = [st.batch_size for st in plan.stages
+           if st.end_examples > examples_seen]
+  if adaptive:  # Every size the schedule may pick, compiled ahead.
+    sizes += [b for b in adaptive_lib.allowed_batch_sizes(s, batch0)
+              if b > sizes[-1]]
   compiler.start(list(dict.fromkeys(sizes)))
   run_start = time.perf_counter() - wall_time
   clock = _Clock(time.perf_counter(), examples_seen)
-  last_eval, preempted = {}, False
-  with input_pipeline.train_batches(
-      config, plan, start_examples=examples_seen,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(), source=sources["train"]) as stream:
-    for local in stream:
-      pos = plan.at(local["examples_seen"])
-      stage = plan.stages[pos.stage]
-      # step_time includes any wait for this stage's compile to finish.
-      start = time.perf_counter()
-      step_fn = compiler.get(pos.batch_size)
-      hyper = dict(
-          learning_rate=_scalar(pos.learning_rate, replicated),
-          momentum=_scalar(pos.momentum, replicated),
-          bn_decay=_scalar(models.running_stats_decay(
-              pos.batch_size, config.bn_momentum,
-              config.bn_momentum_examples), replicated))
-      state, metrics = step_fn(state, local, hyper)
-      # Waiting for each step keeps one step in flight; on CPU meshes two
-      # in-flight steps can deadlock XLA's in-process all-reduce.
-      metrics = jax.device_get(metrics)
-      step_time = time.perf_counter() - start
-      examples_seen = pos.examples_seen + pos.batch_size
-      step = pos.step + 1
-      if not math.isfinite(float(metrics["train_loss"])):
-        latest = checkpoints.latest_step()
-        where = ("no checkpoint yet" if latest is None else
-                 f"last checkpoint: step {latest} in {checkpoints.directory}")
-        raise TrainingDiverged(
-            f"non-finite loss {float(metrics['train_loss'])} at step {step} "
-            f"(stage {pos.stage}, B={pos.batch_size}); {where}")
-      stage_end = examples_seen >= stage.end_examples
-      if step % config.log_every_steps == 0 or stage_end:
-        rate = clock.rate(examples_seen)
-        clock.reset(examples_seen)
-        record = dict(
-            examples_seen=examples_seen, epoch=examples_seen / n,
-            stage=pos.stage, batch_size=pos.batch_size,
-            learning_rate=pos.learning_rate, momentum=pos.momentum,
-            noise_scale=pos.noise_scale,
-            **{k: float(v) for k, v in metrics.items()},
-            examples_per_second=rate, step_time=step_time,
-            peak_host_memory_mb=_peak_host_memory_mb(),
-            wall_time=time.perf_counter() - run_start)
-        writer.write("train", step, **record)
-        if is_chief:
-          eta = (plan.total_examples - examples_seen) / max(rate, 1e-9)
-          print(f"step {step}/{plan.total_updates} epoch {examples_seen / n:.2f} "
-                f"stage {pos.stage} B={pos.batch_size} lr={pos.learning_rate:.4g} "
-                f"loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.3f} {rate:,.0f} ex/s "
-                f"ETA {_format_eta(eta)}", flush=True)
-      done = examples_seen >= plan.total_examples
-      if examples_seen >= next_eval or done:
-        next_eval = (examples_seen // eval_every + 1) * eval_every
-        last_eval = evaluate(state, eval_fn, config, mesh, sources["eval"])
-        writer.write("eval", step, examples_seen=examples_seen,
-                     epoch=examples_seen / n,
-                     wall_time=time.perf_counter() - run_start, **last_eval)
-        if is_chief:
-          print(f"eval at epoch {examples_seen / n:.2f}: "
-                f"loss {last_eval['eval_loss']:.4f} "
-                f"accuracy {last_eval['eval_accuracy']:.4f}", flush=True)
-        clock.reset(examples_seen)  # Evaluation time is not training time.
-      preempted = preemption.should_stop(step)
-      if stage_end or done or preempted or checkpoints.due(step):
-        checkpoints.save(step, state, dict(
-            examples_seen=examples_seen, step=step, stage=pos.stage,
-            wall_time=time.perf_counter() - run_start))
-        writer.sync()
-      if preempted:
-        break
+  last_eval, preempted, replanned = {}, False, True
+  while replanned and not preempted:
+    replanned = False
+    with input_pipeline.train_batches(
+        config, plan, start_examples=examples_seen,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), source=sources["train"]) as stream:
+      for local in stream:
+        pos = plan.at(local["examples_seen"])
+        stage = plan.stages[pos.stage]
+        # step_time includes any wait for this stage's compile to finish.
+        start = time.perf_counter()
+        step_fn = compiler.get(pos.batch_size)
+        hyper = dict(
+            learning_rate=_scalar(pos.learning_rate, replicated),
+            momentum=_scalar(pos.momentum, replicated),
+            bn_decay=_scalar(models.running_stats_decay(
+                pos.batch_size, config.bn_momentum,
+                config.bn_momentum_examples), replicated))
+        state, metrics = step_fn(state, local, hyper)
+        # Waiting for each step keeps one step in flight; on CPU meshes two
+        # in-flight steps can deadlock XLA's in-process all-reduce.
+        metrics = jax.device_get(metrics)
+        step_time = time.perf_counter() - start
+        examples_seen = pos.examples_seen + pos.batch_size
+        step = pos.step + 1
+        if not math.isfinite(float(metrics["train_loss"])):
+          latest = checkpoints.latest_step()
+          where = ("no checkpoint yet" if latest is None else
+                   f"last checkpoint: step {latest} in {checkpoints.directory}")
+          raise TrainingDiverged(
+              f"non-finite loss {float(metrics['train_loss'])} at step {step} "
+              f"(stage {pos.stage}, B={pos.batch_size}); {where}")
+        noise_scale = _update_noise_scale(noise, metrics, pos.batch_size,
+                                          mesh.size)
+        stage_end = examples_seen >= stage.end_examples
+        if step % config.log_every_steps == 0 or stage_end:
+          rate = clock.rate(examples_seen)
+          clock.reset(examples_seen)
+          record = dict(
+              examples_seen=examples_seen, epoch=examples_seen / n,
+              stage=pos.stage, batch_size=pos.batch_size,
+              learning_rate=pos.learning_rate, momentum=pos.momentum,
+              noise_scale=pos.noise_scale,
+              **{k: float(v) for k, v in metrics.items()},
+              **({} if noise_scale is None else
+                 dict(grad_noise_scale=noise_scale)),
+              examples_per_second=rate, step_time=step_time,
+              peak_host_memory_mb=_peak_host_memory_mb(),
+              wall_time=time.perf_counter() - run_start)
+          writer.write("train", step, **record)
+          if is_chief:
+            eta = (plan.total_examples - examples_seen) / max(rate, 1e-9)
+            print(f"step {step}/{plan.total_updates} epoch {examples_seen / n:.2f} "
+                  f"stage {pos.stage} B={pos.batch_size} "
+                  f"lr={pos.learning_rate:.4g} "
+                  f"loss {record['train_loss']:.4f} "
+                  f"acc {record['train_accuracy']:.3f} {rate:,.0f} ex/s "
+                  f"ETA {_format_eta(eta)}", flush=True)
+        done = examples_seen >= plan.total_examples
+        if adaptive and examples_seen >= next_decide and not done:
+          next_decide = adaptive_lib.next_decision(examples_seen, decide_every)
+          batch = adaptive_lib.decide(s, batch0, pos.batch_size, noise_scale)
+          writer.write("batch_decision", step, examples_seen=examples_seen,
+                       epoch=examples_seen / n, grad_noise_scale=noise_scale,
+                       previous_batch_size=pos.batch_size, batch_size=batch)
+          if batch != pos.batch_size:
+            decisions.append((examples_seen, batch))
+            plan = plan_lib.plan_from_config(config, mesh.size, decisions)
+            replanned = True
+            if is_chief:
+              print(f"adaptive: B {pos.batch_size} → {batch} at epoch "
+                    f"{examples_seen / n:.2f} (B_simple {noise_scale:.1f})",
+                    flush=True)
+        if examples_seen >= next_eval or done:
+          next_eval = (examples_seen // eval_every + 1) * eval_every
+          last_eval = evaluate(state, eval_fn, config, mesh, sources["eval"])
+          writer.write("eval", step, examples_seen=examples_seen,
+                       epoch=examples_seen / n,
+                       wall_time=time.perf_counter() - run_start, **last_eval)
+          if is_chief:
+            print(f"eval at epoch {examples_seen / n:.2f}: "
+                  f"loss {last_eval['eval_loss']:.4f} "
+                  f"accuracy {last_eval['eval_accuracy']:.4f}", flush=True)
+          clock.reset(examples_seen)  # Evaluation time is not training time.
+        preempted = preemption.should_stop(step)
+        if (stage_end or replanned or done or preempted
+            or checkpoints.due(step)):
+          checkpoints.save(step, state, dict(
+              examples_seen=examples_seen, step=step, stage=pos.stage,
+              wall_time=time.perf_counter() - run_start,
+              noise_scale=noise.state_dict(),
+              batch_decisions=[list(d) for d in decisions]))
+          writer.sync()
+        if preempted or replanned:
+          break
   return dict(step=int(state.step), examples_seen=examples_seen,
               preempted=preempted, **last_eval)

@@ -15,6 +15,9 @@ g by `decay_factor` at each milestone:
 * `increase_batch`: ε fixed, B × factor (the paper's rule).
 * `hybrid`: B × factor until `max_batch`; from the cap on, B stays and ε is
   chosen so that g falls by exactly the factor at each milestone.
+* `adaptive`: B follows the measured gradient noise scale during training
+  (trainer/adaptive.py); its plan is rebuilt from the batch decisions made
+  so far, the last one running to the end.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import json
 import math
 from typing import Sequence
 
-SCHEDULE_KINDS = ("decay_lr", "increase_batch", "hybrid")
+SCHEDULE_KINDS = ("decay_lr", "increase_batch", "hybrid", "adaptive")
+ADAPTIVE_LR_RULES = ("constant", "linear")
 
 
 class PlanError(ValueError):
@@ -167,7 +171,9 @@ class Plan:
     warmup = self.warmup_examples / self.num_train_examples
     lines.append(
         f"{self.kind}: N={self.num_train_examples}, warm-up {warmup:g} epochs, "
-        f"total updates {self.total_updates}")
+        f"total updates {self.total_updates}"
+        + (" if B grows no further (B follows the measured noise scale)"
+           if self.kind == "adaptive" else ""))
     return "\n".join(lines)
 
 
@@ -195,7 +201,8 @@ def _check_schedule(s, num_train_examples: int) -> None:
   _require(s.warmup_epochs <= s.num_epochs,
            f"schedule.warmup_epochs={s.warmup_epochs} exceeds "
            f"schedule.num_epochs={s.num_epochs}")
-  m = list(s.milestones_epochs)
+  # The adaptive schedule has no milestones (B follows the noise scale).
+  m = [] if s.kind == "adaptive" else list(s.milestones_epochs)
   _require(all(a < b for a, b in zip(m, m[1:])),
            f"schedule.milestones_epochs={tuple(m)} must be strictly increasing")
   _require(all(0 < x < s.num_epochs for x in m),
@@ -203,9 +210,21 @@ def _check_schedule(s, num_train_examples: int) -> None:
            f"(0, num_epochs={s.num_epochs:g})")
   if s.max_batch is not None:
     _require(s.max_batch > 0, f"schedule.max_batch={s.max_batch} must be positive")
-  if s.kind == "hybrid":
+  if s.kind in ("hybrid", "adaptive"):
     _require(s.max_batch is not None,
-             "schedule.max_batch must be set for schedule.kind='hybrid'")
+             f"schedule.max_batch must be set for schedule.kind={s.kind!r}")
+  if s.kind == "adaptive":
+    _require(s.adaptive_every_epochs > 0,
+             f"schedule.adaptive_every_epochs={s.adaptive_every_epochs} must "
+             "be positive")
+    _require(s.adaptive_scale > 0,
+             f"schedule.adaptive_scale={s.adaptive_scale} must be positive")
+    _require(isinstance(s.adaptive_growth, int) and s.adaptive_growth >= 2,
+             f"schedule.adaptive_growth={s.adaptive_growth!r} must be an "
+             "integer ≥ 2 (batch sizes stay whole multiples of B0)")
+    _require(s.adaptive_lr_rule in ADAPTIVE_LR_RULES,
+             f"schedule.adaptive_lr_rule={s.adaptive_lr_rule!r} is unknown; "
+             f"choose one of {', '.join(ADAPTIVE_LR_RULES)}")
   has_ref = (s.reference_learning_rate is not None,
              s.reference_momentum is not None)
   _require(all(has_ref) or not any(has_ref),
@@ -266,11 +285,14 @@ def _stage_points(s, num_train_examples: int, batch: int, lr: float):
 
 
 def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
-               num_devices: int = 1) -> Plan:
+               num_devices: int = 1,
+               decisions: Sequence[tuple[int, int]] = ()) -> Plan:
   """Plans `schedule` (a config.schedule) over N=`num_train_examples`.
 
   Every global batch must split into `num_devices` equal shares, each a whole
   number of ghost batches. Raises PlanError naming the field at fault.
+  `decisions` ((examples_seen, B) pairs, kind='adaptive' only) are the
+  batch changes made so far during training.
   """
   s = schedule
   _check_schedule(s, num_train_examples)
@@ -278,9 +300,14 @@ def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
            f"ghost_batch_size={ghost_batch_size} must be positive")
   _require(num_devices > 0, f"num_devices={num_devices} must be positive")
   batch, lr = _initial_point(s, ghost_batch_size)
+  n = num_train_examples
+  if s.kind == "adaptive":
+    return _adaptive_plan(s, n, batch, lr, decisions or (), ghost_batch_size,
+                          num_devices)
+  _require(not decisions, f"batch decisions are only for kind='adaptive', "
+           f"not {s.kind!r}")
   points = _stage_points(s, num_train_examples, batch, lr)
 
-  n = num_train_examples
   bounds = [0.0, *map(float, s.milestones_epochs), float(s.num_epochs)]
   stages = []
   start_examples = start_step = 0
@@ -306,6 +333,41 @@ def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
               stages=tuple(stages))
 
 
+def _adaptive_plan(s, n: int, batch0: int, lr0: float, decisions,
+                   ghost_batch_size: int, num_devices: int) -> Plan:
+  """Stages from B0 at 0 and each decision (examples_seen, B) onwards; the
+  last stage runs to num_epochs. ε by `adaptive_lr_rule`."""
+  points = [(0, batch0)] + [(int(x), int(b)) for x, b in decisions]
+  end = math.ceil(s.num_epochs * n)
+  stages = []
+  start_step = 0
+  for i, (start, batch) in enumerate(points):
+    _check_batch(i, batch, n, ghost_batch_size, num_devices)
+    if i + 1 < len(points):
+      stop = points[i + 1][0]
+      _require(stop > start and (stop - start) % batch == 0,
+               f"batch decision {i + 1} at examples_seen={stop} is not a step "
+               f"boundary after stage {i} (B={batch} from {start})")
+      num_steps = (stop - start) // batch
+    else:
+      _require(start < end, f"batch decision {i} at examples_seen={start} is "
+               f"past the end of training ({end} examples)")
+      num_steps = -(-(end - start) // batch)
+    lr = lr0 * batch / batch0 if s.adaptive_lr_rule == "linear" else lr0
+    stages.append(Stage(
+        index=i, start_epoch=start / n,
+        end_epoch=(start + num_steps * batch) / n if i + 1 < len(points)
+        else float(s.num_epochs),
+        start_examples=start, end_examples=start + num_steps * batch,
+        start_step=start_step, num_steps=num_steps, batch_size=batch,
+        learning_rate=lr, momentum=float(s.momentum),
+        noise_scale=noise_scale(lr, s.momentum, n, batch)))
+    start_step += num_steps
+  return Plan(kind=s.kind, num_train_examples=n,
+              warmup_examples=math.ceil(s.warmup_epochs * n),
+              stages=tuple(stages))
+
+
 def _check_batch(stage: int, batch: int, num_train_examples: int,
                  ghost_batch_size: int, num_devices: int) -> None:
   where = f"stage {stage} global batch B={batch}"
@@ -320,12 +382,13 @@ def _check_batch(stage: int, batch: int, num_train_examples: int,
            f"ghost_batch_size={ghost_batch_size}")
 
 
-def plan_from_config(config, num_devices: int = 1) -> Plan:
+def plan_from_config(config, num_devices: int = 1,
+                     decisions: Sequence[tuple[int, int]] = ()) -> Plan:
   """The plan of a full experiment config (see configs/base.py)."""
   return build_plan(config.schedule,
                     num_train_examples=config.dataset.num_train_examples,
                     ghost_batch_size=config.ghost_batch_size,
-                    num_devices=num_devices)
+                    num_devices=num_devices, decisions=decisions)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -162,13 +162,22 @@ def apply_step(state: TrainState, accumulators, hyper, *, tx):
   `hyper` holds `learning_rate`, `momentum`, `bn_decay` and `micro_batches`,
   the number of `accumulate_step` calls summed into each accumulator (a
   runtime scalar, so one compiled function serves every stage). Returns
-  (new_state, metrics) like `train_step`.
+  (new_state, metrics) like `train_step`, plus `grad_sq_small` (the squared
+  norm of one device's mean gradient, averaged over devices) and
+  `grad_sq_big` (that of the global mean gradient), the inputs of
+  `trainer/noise_scale.py`.
   """
   num_devices = jax.tree_util.tree_leaves(accumulators)[0].shape[0]
   count = hyper["micro_batches"] * num_devices
   mean = lambda tree: jax.tree_util.tree_map(
       lambda x: jnp.sum(x, axis=0) / count, tree)
   grads, stats = mean(accumulators["grads"]), mean(accumulators["batch_stats"])
+  # Each device's own mean gradient (over its B/devices examples): with the
+  # global mean, the two batch sizes of the gradient noise scale.
+  device_sq_norms = sum(
+      jnp.sum(jnp.square(g / hyper["micro_batches"]),
+              axis=tuple(range(1, g.ndim)))
+      for g in jax.tree_util.tree_leaves(accumulators["grads"]))
   opt_state = optimizer_lib.set_hyperparams(
       state.opt_state, learning_rate=hyper["learning_rate"],
       momentum=hyper["momentum"])
@@ -179,9 +188,12 @@ def apply_step(state: TrainState, accumulators, hyper, *, tx):
       batch_stats=update_running_stats(state.batch_stats, stats,
                                        hyper["bn_decay"]),
       opt_state=opt_state)
+  grad_norm = optax.tree.norm(grads)
   metrics = dict(train_loss=jnp.sum(accumulators["loss"]) / count,
                  train_accuracy=jnp.sum(accumulators["correct"]) / count,
-                 grad_norm=optax.tree.norm(grads))
+                 grad_norm=grad_norm,
+                 grad_sq_small=jnp.mean(device_sq_norms),
+                 grad_sq_big=jnp.square(grad_norm))
   return new_state, metrics
 
 
