@@ -244,3 +244,18 @@ def test_bad_input_is_one_line(tmp_path):
     assert lines[0].startswith("error: ") and message in lines[0], (
         args, lines[0])
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_noise_scale_figure_only_for_runs_that_measured_it(tmp_path):
+  measured = train_records(INCREASE, log_every=2)
+  for r in measured:
+    r["grad_noise_scale"] = 50.0 + r["epoch"] * 40.0
+  runs = [write_run(tmp_path / "adaptive", measured, kind="adaptive"),
+          write_run(tmp_path / "plain", train_records(DECAY, log_every=2),
+                    kind="decay_lr")]
+  out = tmp_path / "report"
+  report.main([*runs, "--out", str(out)])
+  assert_png(out / "noise_scale.png")
+  out_plain = tmp_path / "report_plain"
+  report.main([runs[1], "--out", str(out_plain)])
+  assert not (out_plain / "noise_scale.png").exists()

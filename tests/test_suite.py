@@ -62,6 +62,8 @@ TABLE = [
      DECAY_LR_UPDATES),
     ("adam_increase_batch", "increase_batch", "adam", INCREASE_BATCH,
      [1e-3] * 4, 0.9, INCREASE_BATCH_UPDATES),
+    # Planned before any decision: B0 to the end (an upper bound on updates).
+    ("adaptive", "adaptive", "momentum", [128], [0.1], 0.9, DECAY_LR_UPDATES),
 ]
 NAMES = [row[0] for row in TABLE]
 MOMENTUM_SCHEDULES = NAMES[:5]
@@ -90,7 +92,11 @@ def test_experiments_and_seeds():
   assert [e.name for e in suite_config.EXPERIMENTS] == NAMES
   seeds = {e.name: e.seeds for e in suite_config.EXPERIMENTS}
   assert all(seeds[n] == (0, 1, 2) for n in ("decay_lr", "increase_batch", "hybrid"))
-  assert sum(map(len, seeds.values())) == 15
+  assert sum(map(len, seeds.values())) == 16
+  adaptive = suite_config.get_config("adaptive").schedule
+  assert (adaptive.max_batch, adaptive.adaptive_every_epochs,
+          adaptive.adaptive_scale, adaptive.adaptive_growth) == (
+              2048, 0.25, 1.0, 2)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -145,8 +151,8 @@ def test_smoke_variant_is_tiny_real_data_same_structure(name):
   assert smoke.dataset.source == full.dataset.source != "synthetic"
   assert smoke.optimizer.name == full.optimizer.name
   assert plan.kind == full.schedule.kind
-  assert len(plan.stages) == 4
-  if plan.kind != "decay_lr":
+  assert len(plan.stages) == (1 if plan.kind == "adaptive" else 4)
+  if plan.kind not in ("decay_lr", "adaptive"):
     assert len(plan.batch_sizes) >= 3
   assert plan.total_examples <= 10_000
   for batch in plan.batch_sizes:
@@ -226,10 +232,13 @@ def test_only_selects_experiments_in_suite_order(tmp_path):
     suite.plan_runs(str(tmp_path), only=["hybird"])
 
 
-def test_reports_cover_every_experiment_once():
-  named = [n for names in suite.REPORTS.values() for n in names]
-  assert sorted(named) == sorted(NAMES)
+def test_reports_cover_every_experiment():
+  named = {n for names in suite.REPORTS.values() for n in names}
+  assert named == set(NAMES)
   assert suite.REPORTS["report"] == tuple(MOMENTUM_SCHEDULES)
+  # The adaptive schedule against the paper's two (their runs reused).
+  assert suite.REPORTS["report_adaptive"] == ("decay_lr", "increase_batch",
+                                              "adaptive")
 
 
 def test_train_env_has_8_devices_and_keeps_other_flags():
@@ -247,7 +256,7 @@ def test_dry_run_estimate_fits_the_hour_and_trains_nothing(tmp_path, capsys):
   assert sum(map(suite.estimate_seconds, runs)) <= 60 * 60
   assert suite.main(["--out", str(tmp_path / "s"), "--dry_run"]) == 0
   out = capsys.readouterr().out
-  assert "15 runs, 3,608,576 examples, estimated" in out
+  assert "16 runs, 3,848,576 examples, estimated" in out
   assert " ".join(runs[0].command).replace(str(tmp_path), str(tmp_path / "s")) in out
   assert "increase_batch_seed0" in out and "128/384/1152/3456" in out
   assert not os.path.exists(tmp_path / "s")

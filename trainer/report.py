@@ -8,7 +8,8 @@ label is its workdir's basename without a trailing `_seedN` / `-seedN`, unless
 `--labels` gives one per RUN_DIR. Writes `DIR/report.md` (also printed) and
 `accuracy_vs_epochs.png`, `loss_vs_epochs.png`, `accuracy_vs_updates.png`,
 `accuracy_vs_time.png` and `schedule.png` (ε and B vs epochs, as the paper's
-Figure 1).
+Figure 1), and, for runs that measured it, `noise_scale.png` (the gradient
+noise scale B_simple and B vs epochs).
 
 Training time is the `wall_time` field of the records (seconds since the run
 started, evaluation included, continued across resumes) where every train
@@ -364,6 +365,35 @@ def draw_figures(groups: dict[str, list[Run]], out_dir: str,
     fig.tight_layout()
     written.append(_save(fig, out_dir, "schedule.png"))
   plt.close(fig)
+
+  # The measured gradient noise scale (runs that log it) beside their B.
+  measured = {label: runs for label, runs in groups.items()
+              if any("grad_noise_scale" in r for run in runs
+                     for r in run.train)}
+  if measured:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    styles = dict(zip(groups, _styles()))
+    for label, runs in measured.items():
+      color, _ = styles[label]
+      mean = _mean_curve([
+          ([r["epoch"] for r in run.train if "grad_noise_scale" in r],
+           [r["grad_noise_scale"] for r in run.train
+            if "grad_noise_scale" in r]) for run in runs])
+      if mean is not None and len(mean[0]):
+        ax.plot(mean[0], mean[1], color=color, lw=1.5,
+                label=f"{label}: B_simple")
+      run = runs[0]
+      ax.plot([0.0] + [r["epoch"] for r in run.train],
+              [run.train[0]["batch_size"]]
+              + [r["batch_size"] for r in run.train], color=color,
+              linestyle="--", drawstyle="steps-pre", lw=1.2,
+              label=f"{label}: B")
+    ax.set(xlabel="epochs", ylabel="examples", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    written.append(_save(fig, out_dir, "noise_scale.png"))
+    plt.close(fig)
   return written
 
 
