@@ -86,6 +86,15 @@ def get_base_config() -> config_dict.ConfigDict:
   # the micro-batch size. 'compiled': one step per batch size with the
   # micro-batch loop inside (no host round trips, one compile per stage).
   config.accumulation = "host"
+  # Weight averaging: 'ema' keeps an exponential moving average of the
+  # parameters spanning ~ema_horizon_epochs of examples (per-step decay
+  # exp(-B / (horizon * N)), the same window at every batch size) and
+  # evaluates it beside the raw weights, with batch-norm statistics
+  # recomputed for the averaged weights on ema_bn_batches batches of ~1024
+  # training examples. 'none' turns it off.
+  config.weight_average = "none"
+  config.ema_horizon_epochs = 0.25
+  config.ema_bn_batches = 4
   # Per-step decay of the moving averages behind `grad_noise_scale` (host
   # accumulation on 2+ devices; trainer/noise_scale.py).
   config.noise_scale_decay = 0.98

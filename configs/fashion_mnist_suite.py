@@ -10,7 +10,7 @@ The variant names the experiment, then optional `seed=K` (default 0) and
 `smoke` (2,048 real Fashion-MNIST examples, a tiny model, as
 `base.shrink_for_smoke`): `configs/fashion_mnist_suite.py:hybrid,seed=2,smoke`.
 
-Shared by every run (Smith et al. 2018, §5.1, scaled so that the 16 runs take
+Shared by every run (Smith et al. 2018, §5.1, scaled so that the 17 runs take
 about an hour on 2 CPU cores): the default small ResNet (width 8, ghost batch
 16, micro-batches of 16 per device), 4 epochs of N=60,000, the noise scale
 divided by 3 at epochs 1.2, 2.4 and 3.2 (the paper's 60/120/160 of 200), and
@@ -26,6 +26,7 @@ batch (3456, 27 micro-batches of 16 per device) small beside N.
 | increased_momentum | momentum | 0.2 | 0.95 (B0 ∝ 1/(1-m)) | 512, 1152 (cap) | 287 |
 | sgd_decay_lr / sgd_increase_batch | sgd | 1.0 | 0 | as above | 1,875 / 807 |
 | adam_decay_lr / adam_increase_batch | adam | 0.001 | β1=0.9 | as above | 1,875 / 807 |
+| increase_batch_ema | momentum | 0.1 | 0.9 | as increase_batch, EMA of weights evaluated too | 807 |
 | adaptive | momentum | 0.1 | 0.9 | 128, then 128·2^j ≤ B_simple (cap 2048) | ≤ 1,875 |
 
 The paper's larger initial ε (0.5, B0=640) and m (0.98, B0=3200) would leave a
@@ -78,7 +79,11 @@ EXPERIMENTS = (
     Experiment("adam_decay_lr", (0,), {**_ADAM, "schedule.kind": "decay_lr"}),
     Experiment("adam_increase_batch", (0,),
                {**_ADAM, "schedule.kind": "increase_batch"}),
-    # Beyond the paper: B follows the measured gradient noise scale.
+    # Beyond the paper: weight averaging (training is increase_batch's own,
+    # seed 0; the EMA of the weights is evaluated beside them) and B
+    # following the measured gradient noise scale.
+    Experiment("increase_batch_ema", (0,),
+               {"schedule.kind": "increase_batch", "weight_average": "ema"}),
     Experiment("adaptive", (0,), {"schedule.kind": "adaptive",
                                   "schedule.max_batch": 2048,
                                   "schedule.adaptive_every_epochs": 0.25,

@@ -101,3 +101,32 @@ def test_apply_step_reports_device_and_global_gradient_norms():
   assert float(metrics["grad_sq_small"]) == pytest.approx(small, rel=1e-5)
   assert float(metrics["grad_sq_big"]) == pytest.approx(big, rel=1e-5)
   assert float(metrics["train_loss"]) == pytest.approx(0.5)
+
+
+def test_apply_step_updates_the_weight_average():
+  params = dict(w=jnp.full((2,), 1.0))
+  tx = optax.inject_hyperparams(
+      lambda learning_rate, momentum: optax.sgd(learning_rate))(
+          learning_rate=0.5, momentum=0.0)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              batch_stats={}, opt_state=tx.init(params),
+                              ema_params=dict(w=jnp.full((2,), 3.0)))
+  # One device's gradient sum 4 over 2 micro-batches: mean gradient 2.
+  accumulators = dict(grads=dict(w=jnp.full((1, 2), 4.0)), batch_stats={},
+                      loss=jnp.ones(1), correct=jnp.ones(1))
+  hyper = dict(learning_rate=0.5, momentum=0.0, bn_decay=0.9,
+               micro_batches=2.0, ema_decay=0.75)
+  new, _ = step_lib.apply_step(state, accumulators, hyper, tx=tx)
+  np.testing.assert_allclose(new.params["w"], [0.0, 0.0])  # 1 - 0.5·2.
+  np.testing.assert_allclose(new.ema_params["w"], [2.25, 2.25])  # .75·3 + .25·0
+
+
+@pytest.mark.parametrize("batch,horizon,expected", [
+    (128, 128, np.exp(-1.0)), (256, 1024, np.exp(-0.25)), (1, 1e9, 1.0)])
+def test_weight_average_decay_spans_a_fixed_number_of_examples(batch, horizon,
+                                                               expected):
+  assert step_lib.weight_average_decay(batch, horizon) == pytest.approx(
+      expected)
+  # Two steps of B forget as much as one step of 2B.
+  assert step_lib.weight_average_decay(batch, horizon) ** 2 == pytest.approx(
+      step_lib.weight_average_decay(2 * batch, horizon))

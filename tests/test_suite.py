@@ -62,6 +62,8 @@ TABLE = [
      DECAY_LR_UPDATES),
     ("adam_increase_batch", "increase_batch", "adam", INCREASE_BATCH,
      [1e-3] * 4, 0.9, INCREASE_BATCH_UPDATES),
+    ("increase_batch_ema", "increase_batch", "momentum", INCREASE_BATCH,
+     [0.1] * 4, 0.9, INCREASE_BATCH_UPDATES),
     # Planned before any decision: B0 to the end (an upper bound on updates).
     ("adaptive", "adaptive", "momentum", [128], [0.1], 0.9, DECAY_LR_UPDATES),
 ]
@@ -92,7 +94,12 @@ def test_experiments_and_seeds():
   assert [e.name for e in suite_config.EXPERIMENTS] == NAMES
   seeds = {e.name: e.seeds for e in suite_config.EXPERIMENTS}
   assert all(seeds[n] == (0, 1, 2) for n in ("decay_lr", "increase_batch", "hybrid"))
-  assert sum(map(len, seeds.values())) == 16
+  assert sum(map(len, seeds.values())) == 17
+  ema = suite_config.get_config("increase_batch_ema")
+  plain = suite_config.get_config("increase_batch")
+  assert workdir_lib.config_differences(
+      json.loads(plain.to_json()), json.loads(ema.to_json())) == [
+          "weight_average ('none' → 'ema')"]
   adaptive = suite_config.get_config("adaptive").schedule
   assert (adaptive.max_batch, adaptive.adaptive_every_epochs,
           adaptive.adaptive_scale, adaptive.adaptive_growth) == (
@@ -237,8 +244,8 @@ def test_reports_cover_every_experiment():
   assert named == set(NAMES)
   assert suite.REPORTS["report"] == tuple(MOMENTUM_SCHEDULES)
   # The adaptive schedule against the paper's two (their runs reused).
-  assert suite.REPORTS["report_adaptive"] == ("decay_lr", "increase_batch",
-                                              "adaptive")
+  assert suite.REPORTS["report_beyond"] == (
+      "decay_lr", "increase_batch", "increase_batch_ema", "adaptive")
 
 
 def test_train_env_has_8_devices_and_keeps_other_flags():
@@ -253,10 +260,16 @@ def test_train_env_has_8_devices_and_keeps_other_flags():
 
 def test_dry_run_estimate_fits_the_hour_and_trains_nothing(tmp_path, capsys):
   runs = suite.plan_runs(str(tmp_path))
-  assert sum(map(suite.estimate_seconds, runs)) <= 60 * 60
+  # The paper's 15 runs fit the hour; weight averaging and the adaptive
+  # schedule add two more.
+  paper = [r for r in runs if r.experiment not in ("increase_batch_ema",
+                                                   "adaptive")]
+  assert len(paper) == 15
+  assert sum(map(suite.estimate_seconds, paper)) <= 60 * 60
+  assert sum(map(suite.estimate_seconds, runs)) <= 65 * 60
   assert suite.main(["--out", str(tmp_path / "s"), "--dry_run"]) == 0
   out = capsys.readouterr().out
-  assert "16 runs, 3,848,576 examples, estimated" in out
+  assert "17 runs, 4,089,600 examples, estimated" in out
   assert " ".join(runs[0].command).replace(str(tmp_path), str(tmp_path / "s")) in out
   assert "increase_batch_seed0" in out and "128/384/1152/3456" in out
   assert not os.path.exists(tmp_path / "s")

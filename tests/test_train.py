@@ -2,10 +2,16 @@
 import os
 
 import jax
+import numpy as np
 import pytest
 
+import models
 from configs import cifar10_increase_batch
+from trainer import checkpoint as checkpoint_lib
+from trainer import compile as compile_lib
 from trainer import loop
+from trainer import mesh as mesh_lib
+from trainer import optimizer as optimizer_lib
 from trainer import metrics as metrics_lib
 from trainer import plan as plan_lib
 from trainer import workdir as workdir_lib
@@ -131,3 +137,48 @@ def test_disk_full_during_save_stops_with_one_line(tmp_path, monkeypatch):
       f"saving checkpoint step 16 in {tmp_path}/checkpoints failed "
       "([Errno 28] No space left on device); earlier checkpoints [10] are intact")
   assert os.listdir(tmp_path / "checkpoints") == ["10"]
+
+
+def test_weight_average_is_evaluated_without_changing_training(run, tmp_path):
+  """The same run with an EMA of the weights: identical training (params
+  bitwise equal), and each evaluation also scores the averaged weights
+  with batch-norm statistics recomputed for them."""
+  _, plain_dir, plain = run
+  config = tiny_config()
+  config.weight_average = "ema"
+  config.ema_horizon_epochs = 0.5
+  workdir = str(tmp_path)
+  final = loop.train_and_evaluate(config, workdir)
+  assert final["eval_accuracy"] == plain["eval_accuracy"]
+  evals = metrics_lib.read_metrics(workdir, "eval")
+  assert all(0.0 <= r["ema_eval_accuracy"] <= 1.0 and r["ema_eval_loss"] > 0
+             for r in evals)
+  assert evals[-1]["ema_eval_accuracy"] > 0.2
+  restored = []
+  for directory, cfg in ((plain_dir, tiny_config()), (workdir, config)):
+    model = models.create_model(cfg)
+    tx = optimizer_lib.make_optimizer(cfg.optimizer, learning_rate=0.1,
+                                      momentum=0.9)
+    state = loop.create_train_state(cfg, model, tx, mesh_lib.make_mesh(),
+                                    jax.random.PRNGKey(0))
+    checkpoints = checkpoint_lib.Checkpointer(
+        directory, every_steps=100, every_minutes=0.0, max_to_keep=10)
+    restored.append(checkpoints.restore(state)[0])
+    checkpoints.close()
+  plain_state, ema_state = restored
+  assert plain_state.ema_params is None
+  jax.tree_util.tree_map(np.testing.assert_array_equal, plain_state.params,
+                         ema_state.params)
+  # The average lags the weights: it differs from them.
+  differs = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)),
+                                   ema_state.params, ema_state.ema_params)
+  assert any(jax.tree_util.tree_leaves(differs))
+
+
+def test_bad_weight_average_is_refused(tmp_path):
+  config = tiny_config()
+  config.weight_average = "swa"
+  with pytest.raises(compile_lib.ConfigError,
+                     match="weight_average='swa' is not one of none, ema"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)

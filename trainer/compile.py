@@ -132,6 +132,7 @@ class StepCompiler:
   def __init__(self, *, mesh, model, tx, abstract_state, image_shape,
                max_device_batch: int, ghost_batch_size: int,
                micro_batch_unroll: int = 0, accumulation: str = "compiled",
+               weight_average: bool = False,
                on_compiled: Callable[[int, int, float], None]):
     check_accumulation(accumulation)
     self._mesh, self._model, self._tx = mesh, model, tx
@@ -141,6 +142,8 @@ class StepCompiler:
     self._ghost = ghost_batch_size
     self._unroll = micro_batch_unroll
     self.accumulation = accumulation
+    # The steps take hyper['ema_decay'] too (TrainState.ema_params is set).
+    self._weight_average = weight_average
     self._on_compiled = on_compiled
     self._futures: dict[int, concurrent.futures.Future] = {}
     self._lock = threading.Lock()
@@ -157,6 +160,8 @@ class StepCompiler:
   def _hyper(self, *names):
     scalar = jax.ShapeDtypeStruct((), jnp.float32,
                                   sharding=mesh_lib.replicated(self._mesh))
+    if self._weight_average:
+      names += ("ema_decay",)
     return {name: scalar for name in names}
 
   def compile(self, batch_size: int):

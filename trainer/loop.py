@@ -45,9 +45,11 @@ def create_train_state(config, model, tx, mesh, rng):
   def init(rng):
     variables = model.init(rng, dummy, train=False)
     params = variables["params"]
+    ema = (jax.tree_util.tree_map(jnp.copy, params)
+           if config.weight_average == "ema" else None)
     return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                batch_stats=variables["batch_stats"],
-                               opt_state=tx.init(params))
+                               opt_state=tx.init(params), ema_params=ema)
 
   return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(rng)
 
@@ -107,6 +109,7 @@ def train_and_evaluate(config, workdir: str,
   plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
   _check_eval_batch(config, mesh.size)
   compile_lib.check_accumulation(config.accumulation)
+  _check_weight_average(config)
   sizes = list(plan.batch_sizes)
   if config.schedule.kind == "adaptive":
     _check_adaptive(config, mesh.size)
@@ -177,11 +180,17 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       ghost_batch_size=config.ghost_batch_size,
       micro_batch_unroll=config.micro_batch_unroll,
       accumulation=config.accumulation,
+      weight_average=config.weight_average == "ema",
       on_compiled=functools.partial(_record_compile, writer, start_step,
                                     is_chief, config.accumulation))
   eval_fn = jax.jit(
       lambda st, b: step_lib.eval_step(st, b, model=model),
       in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
+      out_shardings=replicated)
+  stats_fn = jax.jit(
+      lambda params, stats, b: step_lib.batch_stats_step(params, stats, b,
+                                                         model=model),
+      in_shardings=(replicated, replicated, mesh_lib.batch_sharding(mesh)),
       out_shardings=replicated)
   if is_chief:
     print(plan.table(), flush=True)
@@ -198,7 +207,8 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
     noise = noise_scale_lib.NoiseScaleTracker.from_state(
         noise_state, config.noise_scale_decay)
     final = _run(config, plan, state, examples_seen, wall_time, noise,
-                 decisions, mesh, compiler, eval_fn, checkpoints, writer,
+                 decisions, mesh, compiler, eval_fn, stats_fn, checkpoints,
+                 writer,
                  is_chief, sources, preemption)
   finally:
     preemption.close()
@@ -243,6 +253,46 @@ def _peak_host_memory_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def averaged_weights_state(state, stats_fn, config, mesh, source):
+  """`state` with the averaged weights and batch statistics recomputed for
+  them: the mean ghost-batch statistics of the first `ema_bn_batches` full
+  batches of training examples (unaugmented) under those weights."""
+  n, g = mesh.size, config.ghost_batch_size
+  batch_size = n * g * max(1, 1024 // (n * g))
+  total, count = None, 0
+  with input_pipeline.eval_batches(
+      config, batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), source=source) as batches:
+    for batch in batches:
+      if count == config.ema_bn_batches or batch["mask"].min() < 1:
+        break
+      stats = stats_fn(state.ema_params, state.batch_stats,
+                       mesh_lib.global_batch(batch, mesh))
+      total = stats if total is None else jax.tree_util.tree_map(
+          jnp.add, total, stats)
+      count += 1
+  if not count:
+    raise compile_lib.ConfigError(
+        f"weight averaging: the training split has no full batch of "
+        f"{batch_size} examples to recompute batch-norm statistics from")
+  return state.replace(
+      params=state.ema_params,
+      batch_stats=jax.tree_util.tree_map(lambda x: x / count, total))
+
+
+def _check_weight_average(config):
+  if config.weight_average not in ("none", "ema"):
+    raise compile_lib.ConfigError(
+        f"weight_average={config.weight_average!r} is not one of none, ema")
+  if config.weight_average == "ema":
+    if config.ema_horizon_epochs <= 0:
+      raise compile_lib.ConfigError(
+          f"ema_horizon_epochs={config.ema_horizon_epochs} must be positive")
+    if config.ema_bn_batches < 1:
+      raise compile_lib.ConfigError(
+          f"ema_bn_batches={config.ema_bn_batches} must be at least 1")
+
+
 def _check_adaptive(config, num_devices):
   """The adaptive schedule needs the noise scale: host accumulation, 2+
   devices, and every size it may pick must fit the dataset."""
@@ -271,8 +321,8 @@ def _check_eval_batch(config, num_devices):
 
 
 def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
-         mesh, compiler, eval_fn, checkpoints, writer, is_chief, sources,
-         preemption):
+         mesh, compiler, eval_fn, stats_fn, checkpoints, writer, is_chief,
+         sources, preemption):
   """The step loop; `wall_time` (seconds) continues a resumed run's clock.
 
   An adaptive schedule's batch decision ends the input stream and starts a
@@ -314,6 +364,9 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
             bn_decay=_scalar(models.running_stats_decay(
                 pos.batch_size, config.bn_momentum,
                 config.bn_momentum_examples), replicated))
+        if config.weight_average == "ema":
+          hyper["ema_decay"] = _scalar(step_lib.weight_average_decay(
+              pos.batch_size, config.ema_horizon_epochs * n), replicated)
         state, metrics = step_fn(state, local, hyper)
         # Waiting for each step keeps one step in flight; on CPU meshes two
         # in-flight steps can deadlock XLA's in-process all-reduce.
@@ -372,13 +425,23 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
         if examples_seen >= next_eval or done:
           next_eval = (examples_seen // eval_every + 1) * eval_every
           last_eval = evaluate(state, eval_fn, config, mesh, sources["eval"])
+          if config.weight_average == "ema":
+            averaged = averaged_weights_state(state, stats_fn, config, mesh,
+                                              sources["train"])
+            last_eval.update({
+                f"ema_{k}": v for k, v in evaluate(
+                    averaged, eval_fn, config, mesh, sources["eval"]).items()
+                if k != "eval_examples"})
           writer.write("eval", step, examples_seen=examples_seen,
                        epoch=examples_seen / n,
                        wall_time=time.perf_counter() - run_start, **last_eval)
           if is_chief:
+            ema = (f" (EMA weights: {last_eval['ema_eval_accuracy']:.4f})"
+                   if "ema_eval_accuracy" in last_eval else "")
             print(f"eval at epoch {examples_seen / n:.2f}: "
                   f"loss {last_eval['eval_loss']:.4f} "
-                  f"accuracy {last_eval['eval_accuracy']:.4f}", flush=True)
+                  f"accuracy {last_eval['eval_accuracy']:.4f}{ema}",
+                  flush=True)
           clock.reset(examples_seen)  # Evaluation time is not training time.
         preempted = preemption.should_stop(step)
         if (stage_end or replanned or done or preempted

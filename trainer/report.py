@@ -156,16 +156,18 @@ def summarize(runs: list[Run], target_accuracy: float) -> dict:
   Accuracies are fractions, times seconds, updates parameter updates (steps).
   """
   out = dict(final_accuracy=[], updates=[], seconds=[], target_seconds=[],
-             target_updates=[])
+             target_updates=[], final_ema_accuracy=[])
   for run in runs:
     out["updates"].append(max(r["step"] for r in run.train + run.evals))
     seconds = run.train_seconds()
     out["seconds"].append(None if seconds is None else float(seconds[-1]))
     if not run.evals:
-      for key in ("final_accuracy", "target_seconds", "target_updates"):
+      for key in ("final_accuracy", "target_seconds", "target_updates",
+                  "final_ema_accuracy"):
         out[key].append(None)
       continue
     out["final_accuracy"].append(run.evals[-1]["eval_accuracy"])
+    out["final_ema_accuracy"].append(run.evals[-1].get("ema_eval_accuracy"))
     hits = [i for i, r in enumerate(run.evals)
             if r["eval_accuracy"] >= target_accuracy]
     eval_seconds = run.eval_seconds()
@@ -217,9 +219,13 @@ def _time_unit(longest_seconds: float) -> tuple[float, str]:
 def markdown_table(groups: dict[str, list[Run]], target_accuracy: float) -> str:
   """One row per group: schedule, final accuracy, updates, time, to target."""
   target = f"{100 * target_accuracy:g}%"
+  # Runs with weight averaging add a column: the averaged weights' accuracy.
+  has_ema = any("ema_eval_accuracy" in r for runs in groups.values()
+                for run in runs for r in run.evals)
   lines = [f"| run | seeds | schedule | final test accuracy (%) | updates "
-           f"| training time | time to {target} | updates to {target} |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"| training time | time to {target} | updates to {target} |"
+           + (" EMA weights' final test accuracy (%) |" if has_ema else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if has_ema else "")]
   for label, runs in groups.items():
     s = summarize(runs, target_accuracy)
     kinds = sorted({r.schedule for r in runs if r.schedule})
@@ -231,6 +237,10 @@ def markdown_table(groups: dict[str, list[Run]], target_accuracy: float) -> str:
              _format_seconds(s["seconds"]),
              _format_seconds(s["target_seconds"]),
              _format_stat(s["target_updates"], lambda x: f"{x:,.0f}")]
+    if has_ema:
+      cells.append(_format_stat(
+          [None if a is None else 100 * a for a in s["final_ema_accuracy"]],
+          lambda x: f"{x:.2f}"))
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Mean ± sample standard deviation over seeds. Updates are "
             "parameter updates (steps); a target is reached at the first "

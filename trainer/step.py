@@ -17,6 +17,7 @@ best micro-batch size.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -34,6 +35,24 @@ class TrainState:
   params: Any
   batch_stats: Any  # Ghost batch norm running mean/var, for evaluation.
   opt_state: Any
+  # Exponential moving average of params (config.weight_average='ema'),
+  # None when off. Updated by every step with hyper['ema_decay'].
+  ema_params: Any = None
+
+
+def _average_weights(ema_params, params, hyper):
+  """ema·d + params·(1-d), or None when weight averaging is off."""
+  if ema_params is None:
+    return None
+  d = hyper["ema_decay"]
+  return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p,
+                                ema_params, params)
+
+
+def weight_average_decay(batch_size: int, horizon_examples: float) -> float:
+  """Per-step EMA decay exp(-B / horizon): the average spans the same number
+  of examples whatever the stage's batch size."""
+  return math.exp(-batch_size / horizon_examples)
 
 
 def cross_entropy(logits, labels):
@@ -111,12 +130,13 @@ def train_step(state: TrainState, batch, hyper, *, model, tx,
       state.opt_state, learning_rate=hyper["learning_rate"],
       momentum=hyper["momentum"])
   updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
+      step=state.step + 1, params=params,
       batch_stats=update_running_stats(state.batch_stats, stats,
                                        hyper["bn_decay"]),
-      opt_state=opt_state)
+      opt_state=opt_state,
+      ema_params=_average_weights(state.ema_params, params, hyper))
   metrics = dict(train_loss=loss / k, train_accuracy=correct / k,
                  grad_norm=optax.tree.norm(grads))
   return new_state, metrics
@@ -182,12 +202,13 @@ def apply_step(state: TrainState, accumulators, hyper, *, tx):
       state.opt_state, learning_rate=hyper["learning_rate"],
       momentum=hyper["momentum"])
   updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
+      step=state.step + 1, params=params,
       batch_stats=update_running_stats(state.batch_stats, stats,
                                        hyper["bn_decay"]),
-      opt_state=opt_state)
+      opt_state=opt_state,
+      ema_params=_average_weights(state.ema_params, params, hyper))
   grad_norm = optax.tree.norm(grads)
   metrics = dict(train_loss=jnp.sum(accumulators["loss"]) / count,
                  train_accuracy=jnp.sum(accumulators["correct"]) / count,
@@ -195,6 +216,14 @@ def apply_step(state: TrainState, accumulators, hyper, *, tx):
                  grad_sq_small=jnp.mean(device_sq_norms),
                  grad_sq_big=jnp.square(grad_norm))
   return new_state, metrics
+
+
+def batch_stats_step(params, batch_stats, batch, *, model):
+  """The ghost batch statistics of `batch` under `params` (training-mode
+  forward, nothing updated): averaged over batches, the running statistics
+  that belong to averaged weights."""
+  _, (_, stats) = _loss_and_stats(params, batch_stats, batch, model=model)
+  return stats
 
 
 def eval_step(state: TrainState, batch, *, model):

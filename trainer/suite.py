@@ -44,7 +44,8 @@ REPORTS = {
                "increased_momentum"),
     "report_sgd": ("sgd_decay_lr", "sgd_increase_batch"),
     "report_adam": ("adam_decay_lr", "adam_increase_batch"),
-    "report_adaptive": ("decay_lr", "increase_batch", "adaptive"),
+    "report_beyond": ("decay_lr", "increase_batch", "increase_batch_ema",
+                      "adaptive"),
 }
 # The time-to-target column of the reports (a fraction of the test split).
 TARGET_ACCURACY = 0.88
