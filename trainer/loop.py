@@ -208,8 +208,7 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
         noise_state, config.noise_scale_decay)
     final = _run(config, plan, state, examples_seen, wall_time, noise,
                  decisions, mesh, compiler, eval_fn, stats_fn, checkpoints,
-                 writer,
-                 is_chief, sources, preemption)
+                 writer, is_chief, sources, preemption)
   finally:
     preemption.close()
     compiler.close()
@@ -320,6 +319,30 @@ def _check_eval_batch(config, num_devices):
         f"count {num_devices}")
 
 
+def _step_hyper(config, pos, num_train_examples, sharding) -> dict:
+  """The plan's scalars for the step at `pos`, as replicated arrays."""
+  hyper = dict(
+      learning_rate=pos.learning_rate, momentum=pos.momentum,
+      bn_decay=models.running_stats_decay(pos.batch_size, config.bn_momentum,
+                                          config.bn_momentum_examples))
+  if config.weight_average == "ema":
+    hyper["ema_decay"] = step_lib.weight_average_decay(
+        pos.batch_size, config.ema_horizon_epochs * num_train_examples)
+  return {k: _scalar(v, sharding) for k, v in hyper.items()}
+
+
+def _evaluations(state, eval_fn, stats_fn, config, mesh, sources) -> dict:
+  """The raw weights' evaluation, and the averaged weights' (as ema_*)."""
+  out = evaluate(state, eval_fn, config, mesh, sources["eval"])
+  if config.weight_average == "ema":
+    averaged = averaged_weights_state(state, stats_fn, config, mesh,
+                                      sources["train"])
+    out.update({f"ema_{k}": v for k, v in evaluate(
+        averaged, eval_fn, config, mesh, sources["eval"]).items()
+                if k != "eval_examples"})
+  return out
+
+
 def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
          mesh, compiler, eval_fn, stats_fn, checkpoints, writer, is_chief,
          sources, preemption):
@@ -358,16 +381,8 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
         # step_time includes any wait for this stage's compile to finish.
         start = time.perf_counter()
         step_fn = compiler.get(pos.batch_size)
-        hyper = dict(
-            learning_rate=_scalar(pos.learning_rate, replicated),
-            momentum=_scalar(pos.momentum, replicated),
-            bn_decay=_scalar(models.running_stats_decay(
-                pos.batch_size, config.bn_momentum,
-                config.bn_momentum_examples), replicated))
-        if config.weight_average == "ema":
-          hyper["ema_decay"] = _scalar(step_lib.weight_average_decay(
-              pos.batch_size, config.ema_horizon_epochs * n), replicated)
-        state, metrics = step_fn(state, local, hyper)
+        state, metrics = step_fn(state, local,
+                                 _step_hyper(config, pos, n, replicated))
         # Waiting for each step keeps one step in flight; on CPU meshes two
         # in-flight steps can deadlock XLA's in-process all-reduce.
         metrics = jax.device_get(metrics)
@@ -424,14 +439,8 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
                     flush=True)
         if examples_seen >= next_eval or done:
           next_eval = (examples_seen // eval_every + 1) * eval_every
-          last_eval = evaluate(state, eval_fn, config, mesh, sources["eval"])
-          if config.weight_average == "ema":
-            averaged = averaged_weights_state(state, stats_fn, config, mesh,
-                                              sources["train"])
-            last_eval.update({
-                f"ema_{k}": v for k, v in evaluate(
-                    averaged, eval_fn, config, mesh, sources["eval"]).items()
-                if k != "eval_examples"})
+          last_eval = _evaluations(state, eval_fn, stats_fn, config, mesh,
+                                   sources)
           writer.write("eval", step, examples_seen=examples_seen,
                        epoch=examples_seen / n,
                        wall_time=time.perf_counter() - run_start, **last_eval)
