@@ -40,6 +40,22 @@ class TrainState:
   ema_params: Any = None
 
 
+def _update(state: TrainState, grads, step_batch_stats, hyper, tx):
+  """One optimizer update at the plan's ε and m, the running statistics and
+  the weight average moved along."""
+  opt_state = optimizer_lib.set_hyperparams(
+      state.opt_state, learning_rate=hyper["learning_rate"],
+      momentum=hyper["momentum"])
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(
+      step=state.step + 1, params=params,
+      batch_stats=update_running_stats(state.batch_stats, step_batch_stats,
+                                       hyper["bn_decay"]),
+      opt_state=opt_state,
+      ema_params=_average_weights(state.ema_params, params, hyper))
+
+
 def _average_weights(ema_params, params, hyper):
   """ema·d + params·(1-d), or None when weight averaging is off."""
   if ema_params is None:
@@ -126,17 +142,7 @@ def train_step(state: TrainState, batch, hyper, *, model, tx,
   mean = lambda tree: jax.tree_util.tree_map(lambda x: x / k, tree)
   grads, stats = mean(grads), mean(stats)
 
-  opt_state = optimizer_lib.set_hyperparams(
-      state.opt_state, learning_rate=hyper["learning_rate"],
-      momentum=hyper["momentum"])
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(
-      step=state.step + 1, params=params,
-      batch_stats=update_running_stats(state.batch_stats, stats,
-                                       hyper["bn_decay"]),
-      opt_state=opt_state,
-      ema_params=_average_weights(state.ema_params, params, hyper))
+  new_state = _update(state, grads, stats, hyper, tx)
   metrics = dict(train_loss=loss / k, train_accuracy=correct / k,
                  grad_norm=optax.tree.norm(grads))
   return new_state, metrics
@@ -198,17 +204,7 @@ def apply_step(state: TrainState, accumulators, hyper, *, tx):
       jnp.sum(jnp.square(g / hyper["micro_batches"]),
               axis=tuple(range(1, g.ndim)))
       for g in jax.tree_util.tree_leaves(accumulators["grads"]))
-  opt_state = optimizer_lib.set_hyperparams(
-      state.opt_state, learning_rate=hyper["learning_rate"],
-      momentum=hyper["momentum"])
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(
-      step=state.step + 1, params=params,
-      batch_stats=update_running_stats(state.batch_stats, stats,
-                                       hyper["bn_decay"]),
-      opt_state=opt_state,
-      ema_params=_average_weights(state.ema_params, params, hyper))
+  new_state = _update(state, grads, stats, hyper, tx)
   grad_norm = optax.tree.norm(grads)
   metrics = dict(train_loss=jnp.sum(accumulators["loss"]) / count,
                  train_accuracy=jnp.sum(accumulators["correct"]) / count,
