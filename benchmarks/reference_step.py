@@ -9,9 +9,11 @@ with ordinary `nn.BatchNorm` (statistics over the whole global batch, which
 jit turns into cross-device all-reduces, the sync batch norm of that
 example's pmap), optax SGD with Nesterov momentum, L2 weight decay in the
 loss, `jax.jit` with the batch sharded over the same `data` mesh axis and the
-state donated. Ours is `trainer/compile.py`'s step for the same config: ghost
-batch norm, running statistics at a per-example rate, momentum and ε as
-runtime scalars. Both get the same random batch.
+state donated. Ours is the step `trainer/compile.py` compiles for the same
+config and batch (host accumulation, one micro-batch: per-device gradients
+in a shard_map, then the all-reduce and update): ghost batch norm, running
+statistics at a per-example rate, momentum and ε as runtime scalars, the
+noise-scale norms. Both get the same random batch, already on the devices.
 
 FLOPs per step come from XLA's cost analysis of the unpartitioned step
 (`Lowered.cost_analysis()`); the peak is measured in the same run as the
@@ -139,8 +141,9 @@ def measure(name, args):
       mesh=mesh, model=model, tx=tx, abstract_state=abstract(ours_state),
       image_shape=(d.image_size, d.image_size, d.channels),
       max_device_batch=b, ghost_batch_size=config.ghost_batch_size,
-      on_compiled=lambda *a: None)
-  ours = compiler.compile(b)
+      accumulation="host", on_compiled=lambda *a: None)
+  # What the trainer runs for a batch that needs no micro-batching.
+  ours = compiler.compile_accumulation(b)["single"]
   hyper = {k: jax.device_put(np.float32(v), replicated) for k, v in
            dict(learning_rate=0.1, momentum=0.9, bn_decay=0.9).items()}
 
