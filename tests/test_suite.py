@@ -348,9 +348,10 @@ def test_suite_runs_in_order_names_failures_and_reports(tmp_path, monkeypatch,
   assert not (out / "report_adam").exists()
 
 
-def test_rerun_relaunches_every_run_and_reports_earlier_ones(tmp_path,
-                                                             monkeypatch):
-  """Resuming is the trainer's job: finished runs are launched again."""
+def test_rerun_skips_finished_runs_and_reports_earlier_ones(tmp_path,
+                                                            monkeypatch):
+  """Finished runs are not relaunched; unfinished ones resume (the trainer
+  continues from their checkpoints)."""
   out = tmp_path / "suite"
   launched = []
 
@@ -364,8 +365,7 @@ def test_rerun_relaunches_every_run_and_reports_earlier_ones(tmp_path,
   assert suite.main(["--out", str(out), "--only", "sgd_decay_lr"]) == 0
   assert suite.main(["--out", str(out), "--only", "sgd_decay_lr,"
                      "sgd_increase_batch"]) == 0
-  assert launched == ["sgd_decay_lr_seed0", "sgd_decay_lr_seed0",
-                      "sgd_increase_batch_seed0"]
+  assert launched == ["sgd_decay_lr_seed0", "sgd_increase_batch_seed0"]
   table = (out / "report_sgd" / "report.md").read_text()
   assert "| sgd_decay_lr | 1 |" in table and "| sgd_increase_batch | 1 |" in table
   # A later --only run keeps the earlier runs in the reports.

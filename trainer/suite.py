@@ -7,10 +7,11 @@ Trains every run of the suite one after another, each as
 `python -m trainer.main --config=configs/fashion_mnist_suite.py:<name>,seed=<k>
 --workdir=OUT/runs/<name>_seed<k>` on 8 virtual CPU devices (as `make run`),
 its stdout and stderr appended to `OUT/runs/<name>_seed<k>/train.log`. An
-interrupted suite resumes by rerunning the same command: every run is launched
-again, the trainer resumes from its checkpoint, and a finished run trains
-nothing (a few seconds of start-up). A run whose config has since changed is
-refused by the trainer, never silently mixed.
+interrupted suite resumes by rerunning the same command: finished runs (an
+evaluation after their last example) are kept as they are and not launched,
+the others are launched again and the trainer resumes them from their
+checkpoints. A partly trained run whose config has since changed is refused
+by the trainer, never silently mixed; delete its directory to retrain it.
 
 Then writes, from every finished run in OUT/runs (seeds averaged):
 `OUT/report/` (the five SGD+momentum schedules), `OUT/report_sgd/` and
@@ -176,9 +177,11 @@ def last_eval(workdir: str) -> dict | None:
 
 
 def is_finished(run: Run) -> bool:
-  """Whether the run evaluated at its plan's final step."""
+  """Whether the run evaluated after its last example (num_epochs · N; by
+  examples, since an adaptive run's number of steps is not known ahead)."""
   record = last_eval(run.workdir)
-  return record is not None and record["step"] == run.plan.total_updates
+  end = math.ceil(run.config.schedule.num_epochs * run.plan.num_train_examples)
+  return record is not None and record["examples_seen"] >= end
 
 
 def launch(run: Run) -> int:
@@ -225,6 +228,9 @@ def run_suite(out: str, runs: list[Run], report_runs: list[Run],
   start = time.perf_counter()
   failed = {}
   for i, run in enumerate(runs, 1):
+    if is_finished(run):  # Kept as it is: not retrained, not relaunched.
+      print(f"[{i}/{len(runs)}] {run.name}: already finished", flush=True)
+      continue
     elapsed = format_seconds(time.perf_counter() - start)
     print(f"[{i}/{len(runs)}] {run.name}: training (elapsed {elapsed}; "
           f"log {run.log_path})", flush=True)
@@ -239,7 +245,7 @@ def run_suite(out: str, runs: list[Run], report_runs: list[Run],
     record = last_eval(run.workdir)
     if status == 0 and is_finished(run):
       print(f"[{i}/{len(runs)}] {run.name}: done in {took}, "
-            f"{run.plan.total_updates} updates, test accuracy "
+            f"{record['step']} updates, test accuracy "
             f"{100 * record['eval_accuracy']:.2f}%", flush=True)
       continue
     why = (f"exit status {status}" if status else
