@@ -95,9 +95,10 @@ def get_base_config() -> config_dict.ConfigDict:
   config.weight_average = "none"
   config.ema_horizon_epochs = 0.25
   config.ema_bn_batches = 4
-  # Per-step decay of the moving averages behind `grad_noise_scale` (host
-  # accumulation on 2+ devices; trainer/noise_scale.py).
-  config.noise_scale_decay = 0.98
+  # The moving averages behind `grad_noise_scale` (host accumulation on 2+
+  # devices; trainer/noise_scale.py) span about this many epochs of examples
+  # (per-step decay exp(-B / (horizon * N))).
+  config.noise_scale_horizon_epochs = 0.1
   # 'compiled' only: micro-batches per iteration of the loop; 0 unrolls it
   # fully (XLA:CPU ran a looped step ~12x slower). A positive value bounds
   # compile time when a stage needs very many micro-batches.

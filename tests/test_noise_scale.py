@@ -130,3 +130,18 @@ def test_weight_average_decay_spans_a_fixed_number_of_examples(batch, horizon,
   # Two steps of B forget as much as one step of 2B.
   assert step_lib.weight_average_decay(batch, horizon) ** 2 == pytest.approx(
       step_lib.weight_average_decay(2 * batch, horizon))
+
+
+def test_per_step_decay_and_bias_correction_with_changing_batches():
+  tracker = noise_scale.NoiseScaleTracker(decay=0.9)
+  # One-step estimates: (|G|², tr) = (2, 64), then (4, 64).
+  tracker.update(10.0, 3.0, 8, 64, decay=0.5)
+  tracker.update(12.0, 5.0, 8, 64, decay=0.25)
+  assert tracker.kept == 0.125
+  # Averages: 0.25·(0.5·2) + 0.75·4 = 3.25 and 0.25·32 + 0.75·64 = 56,
+  # divided by 1 - 0.125.
+  assert tracker.grad_sq == pytest.approx(3.25 / 0.875)
+  assert tracker.trace == pytest.approx(56 / 0.875)
+  assert noise_scale.horizon_decay(128, 128) == pytest.approx(np.exp(-1))
+  with pytest.raises(ValueError, match="noise scale decay must be in"):
+    tracker.update(10.0, 3.0, 8, 64, decay=1.0)

@@ -205,7 +205,9 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   preemption = preemption_lib.PreemptionWatcher()
   try:
     noise = noise_scale_lib.NoiseScaleTracker.from_state(
-        noise_state, config.noise_scale_decay)
+        noise_state, noise_scale_lib.horizon_decay(
+            plan.stages[0].batch_size,
+            config.noise_scale_horizon_epochs * plan.num_train_examples))
     final = _run(config, plan, state, examples_seen, wall_time, noise,
                  decisions, mesh, compiler, eval_fn, stats_fn, checkpoints,
                  writer, is_chief, sources, preemption)
@@ -234,7 +236,8 @@ def _record_compile(writer, step, is_chief, accumulation, batch_size,
           f"micro-batch(es){shared}) in {seconds:.1f}s", flush=True)
 
 
-def _update_noise_scale(noise, metrics, batch_size, num_devices):
+def _update_noise_scale(noise, metrics, batch_size, num_devices,
+                        horizon_examples):
   """Folds this step's gradient norms into `noise`; B_simple or None.
 
   Needs the per-device norms of host accumulation and more than one device
@@ -244,7 +247,9 @@ def _update_noise_scale(noise, metrics, batch_size, num_devices):
     return None
   return noise.update(float(metrics["grad_sq_small"]),
                       float(metrics["grad_sq_big"]),
-                      batch_size / num_devices, batch_size)
+                      batch_size / num_devices, batch_size,
+                      decay=noise_scale_lib.horizon_decay(batch_size,
+                                                          horizon_examples))
 
 
 def _peak_host_memory_mb() -> float:
@@ -396,8 +401,9 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
           raise TrainingDiverged(
               f"non-finite loss {float(metrics['train_loss'])} at step {step} "
               f"(stage {pos.stage}, B={pos.batch_size}); {where}")
-        noise_scale = _update_noise_scale(noise, metrics, pos.batch_size,
-                                          mesh.size)
+        noise_scale = _update_noise_scale(
+            noise, metrics, pos.batch_size, mesh.size,
+            config.noise_scale_horizon_epochs * n)
         stage_end = examples_seen >= stage.end_examples
         if step % config.log_every_steps == 0 or stage_end:
           rate = clock.rate(examples_seen)

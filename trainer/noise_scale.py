@@ -13,7 +13,9 @@ E|G_B|² = |G|² + tr(Σ)/B,
 
 with |G_small|² averaged over devices. One step's estimates are noisy (and
 can be negative), so each is smoothed by its own bias-corrected exponential
-moving average before the ratio is taken.
+moving average before the ratio is taken; the trainer's averages span a
+fixed number of examples (`noise_scale_horizon_epochs`), not of steps, so a
+large-B stage does not average over epochs of stale gradients.
 """
 from __future__ import annotations
 
@@ -38,30 +40,35 @@ def unbiased_estimates(grad_sq_small: float, grad_sq_big: float,
 class NoiseScaleTracker:
   """Bias-corrected moving averages of |G|² and tr(Σ), and their ratio.
 
-  `decay` is the per-step forgetting factor of both averages. The state is
-  three numbers, saved with each checkpoint (`state_dict` / `from_state`)
-  so that a resumed run continues the same estimate.
+  Each `update` forgets the past by a decay: `decay`, or the one passed in
+  (the trainer passes exp(-B / horizon), so the averages span the same
+  number of examples at every batch size). `kept` is the product of the
+  decays so far; dividing by 1 - kept removes the bias of starting at zero.
+  The state is four numbers, saved with each checkpoint (`state_dict` /
+  `from_state`) so that a resumed run continues the same estimate.
   """
   decay: float = 0.95
   grad_sq_average: float = 0.0
   trace_average: float = 0.0
   updates: int = 0
+  kept: float = 1.0
 
   def __post_init__(self):
-    if not 0.0 <= self.decay < 1.0:
-      raise ValueError(f"noise scale decay must be in [0, 1), got {self.decay}")
+    _check_decay(self.decay)
 
   def update(self, grad_sq_small: float, grad_sq_big: float,
-             batch_small: float, batch_big: float) -> float | None:
+             batch_small: float, batch_big: float,
+             decay: float | None = None) -> float | None:
     """Folds in one step; returns the current B_simple (None if unknown)."""
     grad_sq, trace = unbiased_estimates(grad_sq_small, grad_sq_big,
                                         batch_small, batch_big)
     if not (math.isfinite(grad_sq) and math.isfinite(trace)):
       return self.value
-    d = self.decay
+    d = self.decay if decay is None else _check_decay(decay)
     self.grad_sq_average = d * self.grad_sq_average + (1 - d) * grad_sq
     self.trace_average = d * self.trace_average + (1 - d) * trace
     self.updates += 1
+    self.kept *= d
     return self.value
 
   @property
@@ -69,14 +76,14 @@ class NoiseScaleTracker:
     """Bias-corrected |G|² estimate."""
     if not self.updates:
       return None
-    return self.grad_sq_average / (1.0 - self.decay ** self.updates)
+    return self.grad_sq_average / (1.0 - self.kept)
 
   @property
   def trace(self) -> float | None:
     """Bias-corrected tr(Σ) estimate."""
     if not self.updates:
       return None
-    return self.trace_average / (1.0 - self.decay ** self.updates)
+    return self.trace_average / (1.0 - self.kept)
 
   @property
   def value(self) -> float | None:
@@ -88,7 +95,8 @@ class NoiseScaleTracker:
 
   def state_dict(self) -> dict:
     return dict(decay=self.decay, grad_sq_average=self.grad_sq_average,
-                trace_average=self.trace_average, updates=self.updates)
+                trace_average=self.trace_average, updates=self.updates,
+                kept=self.kept)
 
   @classmethod
   def from_state(cls, state: dict | None, decay: float) -> "NoiseScaleTracker":
@@ -98,4 +106,15 @@ class NoiseScaleTracker:
     return cls(decay=float(state["decay"]),
                grad_sq_average=float(state["grad_sq_average"]),
                trace_average=float(state["trace_average"]),
-               updates=int(state["updates"]))
+               updates=int(state["updates"]), kept=float(state["kept"]))
+
+
+def horizon_decay(batch_size: int, horizon_examples: float) -> float:
+  """Per-step decay exp(-B / horizon): a window of `horizon_examples`."""
+  return math.exp(-batch_size / horizon_examples)
+
+
+def _check_decay(decay: float) -> float:
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"noise scale decay must be in [0, 1), got {decay}")
+  return decay
