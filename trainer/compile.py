@@ -146,6 +146,7 @@ class StepCompiler:
     self._weight_average = weight_average
     self._on_compiled = on_compiled
     self._futures: dict[int, concurrent.futures.Future] = {}
+    self._steps = {}  # Batch size -> its step callable, once compiled.
     self._lock = threading.Lock()
     self._pool = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="compile")
@@ -287,7 +288,13 @@ class StepCompiler:
   def get(self, batch_size: int):
     """The step for `batch_size`, a callable (state, local batch, hyper) ->
     (state, metrics); waits if it is still compiling."""
+    if batch_size in self._steps:
+      return self._steps[batch_size]
     compiled = self._submit(batch_size, background=True).result()
+    self._steps[batch_size] = self._make_step(batch_size, compiled)
+    return self._steps[batch_size]
+
+  def _make_step(self, batch_size, compiled):
     kind = self._key(batch_size)[0]
     if kind == "fused":
       return FusedStep(compiled, self._mesh)
