@@ -127,9 +127,7 @@ def measure(name, args):
                              d.channels)).astype(np.float32),
       label=rng.integers(0, d.num_classes, b).astype(np.int32))
   batch = mesh_lib.global_batch(host_batch, mesh)
-  abstract = lambda tree: jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)
+  abstract = compile_lib.abstract
 
   # Ours.
   model = models.create_model(config)

@@ -65,11 +65,9 @@ def measure(args):
     for device_batch in device_batches:
       state = loop.create_train_state(config, model, tx, mesh,
                                       jax.random.PRNGKey(0))
-      abstract = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-          state)
       compiler = compile_lib.StepCompiler(
-          mesh=mesh, model=model, tx=tx, abstract_state=abstract,
+          mesh=mesh, model=model, tx=tx,
+          abstract_state=compile_lib.abstract(state),
           image_shape=(d.image_size, d.image_size, d.channels),
           max_device_batch=device_batch,
           ghost_batch_size=config.ghost_batch_size,

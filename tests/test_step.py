@@ -85,11 +85,9 @@ def train_host(mesh, max_device_batch, num_steps=6):
 
 
 def host_compiler(mesh, model, tx, state, max_device_batch, compiled=None):
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      state)
   return compile_lib.StepCompiler(
-      mesh=mesh, model=model, tx=tx, abstract_state=abstract,
+      mesh=mesh, model=model, tx=tx,
+      abstract_state=compile_lib.abstract(state),
       image_shape=(16, 16, 1), max_device_batch=max_device_batch,
       ghost_batch_size=8, accumulation="host",
       on_compiled=lambda b, k, s: (compiled if compiled is not None

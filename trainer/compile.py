@@ -34,6 +34,13 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def abstract(tree):
+  """ShapeDtypeStructs (with shardings) of a tree of arrays: what `lower` takes."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      tree)
+
+
 def micro_batches(batch_size: int, num_devices: int, max_device_batch: int,
                   ghost_batch_size: int) -> int:
   """How many micro-batches a global batch of `batch_size` examples needs."""
@@ -71,7 +78,8 @@ class FusedStep:
 
 
 class AccumulatingStep:
-  """A stage's update as k `accumulate_step` calls and one `apply_step`.
+  """A stage's update as k > 1 `accumulate_step` calls and one `apply_step`
+  (one micro-batch runs as the composed "single" step instead).
 
   Micro-batch j takes rows j·m:(j+1)·m of every device's share of the
   batch (m examples per device), as `step._split_micro_batches` does, so
@@ -89,9 +97,6 @@ class AccumulatingStep:
     out = {}
     for key, x in local_batch.items():
       if not isinstance(x, np.ndarray):
-        continue
-      if self._k == 1:
-        out[key] = x
         continue
       devices = x.shape[0] // (self._k * self._m)
       x = x.reshape(devices, self._k, self._m, *x.shape[1:])[:, j]

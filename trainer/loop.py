@@ -109,7 +109,7 @@ def train_and_evaluate(config, workdir: str,
   plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
   _check_eval_batch(config, mesh.size)
   compile_lib.check_accumulation(config.accumulation)
-  _check_weight_average(config)
+  _check_weight_average(config, mesh.size)
   sizes = list(plan.batch_sizes)
   if config.schedule.kind == "adaptive":
     _check_adaptive(config, mesh.size)
@@ -170,11 +170,9 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
   d = config.dataset
   start_step = int(state.step)
-  abstract_state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      state)
   compiler = compile_lib.StepCompiler(
-      mesh=mesh, model=model, tx=tx, abstract_state=abstract_state,
+      mesh=mesh, model=model, tx=tx,
+      abstract_state=compile_lib.abstract(state),
       image_shape=(d.image_size, d.image_size, d.channels),
       max_device_batch=config.max_device_batch,
       ghost_batch_size=config.ghost_batch_size,
@@ -261,8 +259,7 @@ def averaged_weights_state(state, stats_fn, config, mesh, source):
   """`state` with the averaged weights and batch statistics recomputed for
   them: the mean ghost-batch statistics of the first `ema_bn_batches` full
   batches of training examples (unaugmented) under those weights."""
-  n, g = mesh.size, config.ghost_batch_size
-  batch_size = n * g * max(1, 1024 // (n * g))
+  batch_size = _bn_batch_size(config, mesh.size)
   total, count = None, 0
   with input_pipeline.eval_batches(
       config, batch_size, process_index=jax.process_index(),
@@ -284,7 +281,13 @@ def averaged_weights_state(state, stats_fn, config, mesh, source):
       batch_stats=jax.tree_util.tree_map(lambda x: x / count, total))
 
 
-def _check_weight_average(config):
+def _bn_batch_size(config, num_devices) -> int:
+  """ema_bn_batch_size rounded down to whole ghost batches on every device."""
+  unit = num_devices * config.ghost_batch_size
+  return unit * max(1, config.ema_bn_batch_size // unit)
+
+
+def _check_weight_average(config, num_devices):
   if config.weight_average not in ("none", "ema"):
     raise compile_lib.ConfigError(
         f"weight_average={config.weight_average!r} is not one of none, ema")
@@ -295,6 +298,13 @@ def _check_weight_average(config):
     if config.ema_bn_batches < 1:
       raise compile_lib.ConfigError(
           f"ema_bn_batches={config.ema_bn_batches} must be at least 1")
+    batch_size = _bn_batch_size(config, num_devices)
+    n = config.dataset.num_train_examples
+    if batch_size > n:
+      raise compile_lib.ConfigError(
+          f"weight averaging recomputes batch-norm statistics on batches of "
+          f"{batch_size} examples (ema_bn_batch_size), more than "
+          f"dataset.num_train_examples={n}; lower ema_bn_batch_size")
 
 
 def _check_adaptive(config, num_devices):
