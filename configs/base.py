@@ -90,11 +90,14 @@ def get_base_config() -> config_dict.ConfigDict:
   # parameters spanning ~ema_horizon_epochs of examples (per-step decay
   # exp(-B / (horizon * N)), the same window at every batch size) and
   # evaluates it beside the raw weights, with batch-norm statistics
-  # recomputed for the averaged weights on ema_bn_batches batches of ~1024
+  # recomputed for the averaged weights on ema_bn_batches batches of
+  # ema_bn_batch_size training examples (rounded down to whole ghost batches
+  # on every device)
   # training examples. 'none' turns it off.
   config.weight_average = "none"
   config.ema_horizon_epochs = 0.25
   config.ema_bn_batches = 4
+  config.ema_bn_batch_size = 1024
   # The moving averages behind `grad_noise_scale` (host accumulation on 2+
   # devices; trainer/noise_scale.py) span about this many epochs of examples
   # (per-step decay exp(-B / (horizon * N))).

@@ -168,3 +168,15 @@ def test_adaptive_run_grows_b_and_resumes_exactly(tmp_path, xla_cache):
   whole_step, whole_state = latest_state(whole)
   assert step == whole_step
   assert_same_state(whole_state, state)
+
+
+def test_adaptive_needs_two_devices():
+  from trainer import compile as compile_lib
+  from trainer import loop
+  config = base.get_base_config()
+  config.schedule.kind = "adaptive"
+  config.schedule.max_batch = 1024
+  config.accumulation = "host"
+  with pytest.raises(compile_lib.ConfigError,
+                     match="needs at least 2 devices to measure the noise"):
+    loop._check_adaptive(config, 1)  # pylint: disable=protected-access
