@@ -64,7 +64,7 @@ def measure(args):
   for accumulation in args.accumulation.split(","):
     for device_batch in device_batches:
       state = loop.create_train_state(config, model, tx, mesh,
-                                      jax.random.PRNGKey(0))
+                                      seed=0)
       compiler = compile_lib.StepCompiler(
           mesh=mesh, model=model, tx=tx,
           abstract_state=compile_lib.abstract(state),

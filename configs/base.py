@@ -156,6 +156,10 @@ def get_base_config() -> config_dict.ConfigDict:
   config.checkpoints_to_keep = 3
   # Persistent XLA compilation cache; None = <workdir>/compilation_cache.
   config.compilation_cache_dir = placeholder(str)
+  # Also keep the compiled train-step functions in <that>/programs, so a
+  # second launch of this config loads them without tracing
+  # (trainer/program_cache.py says what the key covers).
+  config.program_cache = True
   return config
 
 

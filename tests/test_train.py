@@ -34,7 +34,8 @@ def tiny_config():
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config()
-  final = loop.train_and_evaluate(config, workdir)
+  with jax.transfer_guard("disallow"):  # No implicit host<->device copies.
+    final = loop.train_and_evaluate(config, workdir)
   return config, workdir, final
 
 
@@ -148,7 +149,8 @@ def test_weight_average_is_evaluated_without_changing_training(run, tmp_path):
   config.weight_average = "ema"
   config.ema_horizon_epochs = 0.5
   workdir = str(tmp_path)
-  final = loop.train_and_evaluate(config, workdir)
+  with jax.transfer_guard("disallow"):
+    final = loop.train_and_evaluate(config, workdir)
   assert final["eval_accuracy"] == plain["eval_accuracy"]
   evals = metrics_lib.read_metrics(workdir, "eval")
   assert all(0.0 <= r["ema_eval_accuracy"] <= 1.0 and r["ema_eval_loss"] > 0
@@ -160,7 +162,7 @@ def test_weight_average_is_evaluated_without_changing_training(run, tmp_path):
     tx = optimizer_lib.make_optimizer(cfg.optimizer, learning_rate=0.1,
                                       momentum=0.9)
     state = loop.create_train_state(cfg, model, tx, mesh_lib.make_mesh(),
-                                    jax.random.PRNGKey(0))
+                                    seed=0)
     checkpoints = checkpoint_lib.Checkpointer(
         directory, every_steps=100, every_minutes=0.0, max_to_keep=10)
     restored.append(checkpoints.restore(state)[0])

@@ -28,8 +28,11 @@ def command(workdir, cache_dir, *extra):
       *extra]
 
 
+# The transfer guard makes any implicit host<->device copy an error: every
+# copy the trainer makes must be an explicit device_put / device_get.
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-           JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+           JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+           JAX_TRANSFER_GUARD="disallow")
 
 
 def run(workdir, cache_dir, *extra, timeout=300, env=None):

@@ -4,7 +4,9 @@ What is compiled per stage depends on `config.accumulation` (see
 `StepCompiler`). The first stage's functions compile before the clock
 starts; the others compile in a background thread while training runs, so a
 stage switch does not stall.
-JAX's persistent compilation cache makes a second launch nearly free.
+A second launch loads the compiled functions from `program_cache` (no
+tracing); where it misses, JAX's persistent compilation cache still skips
+XLA's compile.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainer import mesh as mesh_lib
+from trainer import program_cache as program_cache_lib
 from trainer import step as step_lib
 
 
@@ -138,7 +141,12 @@ class StepCompiler:
                max_device_batch: int, ghost_batch_size: int,
                micro_batch_unroll: int = 0, accumulation: str = "compiled",
                weight_average: bool = False,
-               on_compiled: Callable[[int, int, float], None]):
+               program_cache: program_cache_lib.ProgramCache | None = None,
+               on_compiled: Callable[[int, int, float, bool], None]):
+    """`on_compiled(batch_size, micro_batches, seconds, loaded)` follows each
+    compile; `loaded` is true where `program_cache` supplied the functions.
+    The cache's context must identify `model` and `tx` (the trainer passes
+    the whole config)."""
     check_accumulation(accumulation)
     self._mesh, self._model, self._tx = mesh, model, tx
     self._state = abstract_state
@@ -150,6 +158,7 @@ class StepCompiler:
     # The steps take hyper['ema_decay'] too (TrainState.ema_params is set).
     self._weight_average = weight_average
     self._on_compiled = on_compiled
+    self._program_cache = program_cache
     self._futures: dict[int, concurrent.futures.Future] = {}
     self._steps = {}  # Batch size -> its step callable, once compiled.
     self._lock = threading.Lock()
@@ -183,13 +192,9 @@ class StepCompiler:
         in_shardings=(state_sharding, data, state_sharding),
         out_shardings=(state_sharding, state_sharding),
         donate_argnums=(0,))
-    start = time.perf_counter()
-    compiled = fn.lower(self._state, self._abstract_batch(batch_size),
-                        self._hyper("learning_rate", "momentum",
-                                    "bn_decay")).compile()
-    seconds = time.perf_counter() - start
-    self._on_compiled(batch_size, k, seconds)
-    return compiled
+    return fn.lower(self._state, self._abstract_batch(batch_size),
+                    self._hyper("learning_rate", "momentum",
+                                "bn_decay")).compile()
 
   def compile_accumulation(self, batch_size: int):
     """Compiles the host-accumulation functions for `batch_size` (blocking).
@@ -223,7 +228,6 @@ class StepCompiler:
         out_specs=P(mesh_lib.DATA_AXIS), check_vma=False)
     data = mesh_lib.batch_sharding(self._mesh)
     apply = functools.partial(step_lib.apply_step, tx=self._tx)
-    start = time.perf_counter()
     if k == 1:
       # One micro-batch: the three as one function (one dispatch per step).
       def single(state, batch, hyper):
@@ -252,8 +256,6 @@ class StepCompiler:
                   self._state, abstract_acc,
                   self._hyper("learning_rate", "momentum", "bn_decay",
                               "micro_batches")).compile())
-    seconds = time.perf_counter() - start
-    self._on_compiled(batch_size, k, seconds)
     return compiled
 
   def _key(self, batch_size):
@@ -267,17 +269,56 @@ class StepCompiler:
       return ("single", batch_size)
     return ("micro", batch_size // n // k)
 
+  _FUNCTIONS = dict(fused=("step",), single=("single",),
+                    micro=("init", "accumulate", "apply"))
+
+  def _description(self, key, name) -> str:
+    """Everything besides the cache's context that fixes function `name`
+    of `key`: shapes, shardings and the compiler's settings."""
+    return "\n".join(map(repr, (
+        key, name, self._image_shape, self._max_device_batch, self._ghost,
+        self._unroll, self.accumulation, self._weight_average,
+        self._mesh.shape, [d.id for d in self._mesh.devices.flat],
+        jax.tree_util.tree_structure(self._state),
+        jax.tree_util.tree_leaves(self._state))))
+
+  def _build(self, key, batch_size):
+    """Loads the functions of `key` from the program cache, or compiles
+    (and stores) them; then reports to `on_compiled`."""
+    start = time.perf_counter()
+    names = self._FUNCTIONS[key[0]]
+    cache = self._program_cache
+    loaded = {}
+    if cache is not None:
+      for name in names:
+        fn = cache.load(self._description(key, name))
+        if fn is None:
+          break
+        loaded[name] = fn
+    from_cache = len(loaded) == len(names)
+    if from_cache:
+      functions = loaded
+    elif key[0] == "fused":
+      functions = dict(step=self.compile(batch_size))
+    else:
+      functions = self.compile_accumulation(batch_size)
+    if cache is not None and not from_cache:
+      for name in names:
+        cache.store(self._description(key, name), functions[name])
+    k = micro_batches(batch_size, self._mesh.size, self._max_device_batch,
+                      self._ghost)
+    self._on_compiled(batch_size, k, time.perf_counter() - start, from_cache)
+    return functions
+
   def _submit(self, batch_size, background: bool):
     key = self._key(batch_size)
     with self._lock:
       if key not in self._futures:
-        work = (self.compile if key[0] == "fused"
-                else self.compile_accumulation)
         if background:
-          self._futures[key] = self._pool.submit(work, batch_size)
+          self._futures[key] = self._pool.submit(self._build, key, batch_size)
         else:
           done = concurrent.futures.Future()
-          done.set_result(work(batch_size))
+          done.set_result(self._build(key, batch_size))
           self._futures[key] = done
       return self._futures[key]
 
@@ -302,7 +343,7 @@ class StepCompiler:
   def _make_step(self, batch_size, compiled):
     kind = self._key(batch_size)[0]
     if kind == "fused":
-      return FusedStep(compiled, self._mesh)
+      return FusedStep(compiled["step"], self._mesh)
     if kind == "single":
       return FusedStep(compiled["single"], self._mesh)
     n = self._mesh.size

@@ -24,6 +24,7 @@ from trainer import noise_scale as noise_scale_lib
 from trainer import optimizer as optimizer_lib
 from trainer import plan as plan_lib
 from trainer import preemption as preemption_lib
+from trainer import program_cache as program_cache_lib
 from trainer import step as step_lib
 from trainer import workdir as workdir_lib
 
@@ -36,14 +37,15 @@ class TrainingDiverged(RuntimeError):
 RUN_ERRORS = (TrainingDiverged, checkpoint_lib.CheckpointError)
 
 
-def create_train_state(config, model, tx, mesh, rng):
-  """The initial TrainState, created directly with replicated sharding."""
+def create_train_state(config, model, tx, mesh, seed: int):
+  """The initial TrainState, created directly with replicated sharding (the
+  key and the example input too: no host-to-device transfer)."""
   d = config.dataset
-  dummy = jnp.zeros((config.ghost_batch_size, d.image_size, d.image_size,
-                     d.channels), jnp.float32)
 
-  def init(rng):
-    variables = model.init(rng, dummy, train=False)
+  def init():
+    dummy = jnp.zeros((config.ghost_batch_size, d.image_size, d.image_size,
+                       d.channels), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(seed), dummy, train=False)
     params = variables["params"]
     ema = (jax.tree_util.tree_map(jnp.copy, params)
            if config.weight_average == "ema" else None)
@@ -51,7 +53,7 @@ def create_train_state(config, model, tx, mesh, rng):
                                batch_stats=variables["batch_stats"],
                                opt_state=tx.init(params), ema_params=ema)
 
-  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(rng)
+  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))()
 
 
 def _scalar(value, sharding):
@@ -137,11 +139,14 @@ def train_and_evaluate(config, workdir: str,
 
 def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   """Restores or creates the state, compiles, runs the loop, closes up."""
-  compile_lib.enable_compilation_cache(
-      config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"))
+  cache_dir = (config.compilation_cache_dir
+               or os.path.join(workdir, "compilation_cache"))
+  compile_lib.enable_compilation_cache(cache_dir)
+  programs = (program_cache_lib.ProgramCache(
+      os.path.join(cache_dir, "programs"), context=config.to_json())
+              if config.program_cache else None)
   replicated = mesh_lib.replicated(mesh)
-  state = create_train_state(config, model, tx, mesh,
-                             jax.random.PRNGKey(config.seed))
+  state = create_train_state(config, model, tx, mesh, config.seed)
   checkpoints = checkpoint_lib.Checkpointer(
       workdir, every_steps=config.checkpoint_every_steps,
       every_minutes=config.checkpoint_every_minutes,
@@ -179,6 +184,7 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       micro_batch_unroll=config.micro_batch_unroll,
       accumulation=config.accumulation,
       weight_average=config.weight_average == "ema",
+      program_cache=programs,
       on_compiled=functools.partial(_record_compile, writer, start_step,
                                     is_chief, config.accumulation))
   eval_fn = jax.jit(
@@ -224,13 +230,15 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
 
 
 def _record_compile(writer, step, is_chief, accumulation, batch_size,
-                    micro_batches, seconds):
+                    micro_batches, seconds, loaded):
   writer.write("compile", step, batch_size=batch_size,
-               micro_batches=micro_batches, compile_seconds=seconds)
+               micro_batches=micro_batches, compile_seconds=seconds,
+               from_program_cache=loaded)
   if is_chief:
     shared = (", shared by every larger B"
               if accumulation == "host" and micro_batches > 1 else "")
-    print(f"compiled the train step for B={batch_size} ({micro_batches} "
+    how = "loaded from the program cache" if loaded else "compiled"
+    print(f"{how}: the train step for B={batch_size} ({micro_batches} "
           f"micro-batch(es){shared}) in {seconds:.1f}s", flush=True)
 
 
@@ -278,7 +286,8 @@ def averaged_weights_state(state, stats_fn, config, mesh, source):
         f"{batch_size} examples to recompute batch-norm statistics from")
   return state.replace(
       params=state.ema_params,
-      batch_stats=jax.tree_util.tree_map(lambda x: x / count, total))
+      batch_stats=jax.tree_util.tree_map(
+          lambda x: x / _scalar(count, x.sharding), total))
 
 
 def _bn_batch_size(config, num_devices) -> int:

@@ -1,0 +1,149 @@
+"""The program cache: compiled step functions stored, then loaded untraced."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import models
+from tests import test_step
+from trainer import compile as compile_lib
+from trainer import loop
+from trainer import mesh as mesh_lib
+from trainer import metrics as metrics_lib
+from trainer import optimizer as optimizer_lib
+from trainer import program_cache as program_cache_lib
+
+# Per device: 8 (k=1, "single"), 32 (k=2 of 16, "micro"); compiled: fused.
+SIZES = dict(host=(64, 256), compiled=(256,))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def xla_compilation_cache(tmp_path_factory):
+  """JAX's own cache makes each recompile here cheap; what these tests
+  check is whether the program cache was used (`on_compiled`'s flag)."""
+  compile_lib.enable_compilation_cache(
+      str(tmp_path_factory.mktemp("xla_cache")))
+
+
+def setup(cache, accumulation, events):
+  """A StepCompiler of test_step's tiny model using `cache`, and a state."""
+  mesh = mesh_lib.make_mesh()
+  config = test_step.tiny_config()
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  state = loop.create_train_state(config, model, tx, mesh, seed=0)
+  compiler = compile_lib.StepCompiler(
+      mesh=mesh, model=model, tx=tx,
+      abstract_state=compile_lib.abstract(state), image_shape=(16, 16, 1),
+      max_device_batch=16, ghost_batch_size=8, accumulation=accumulation,
+      program_cache=cache,
+      on_compiled=lambda b, k, seconds, loaded: events.append((b, loaded)))
+  return compiler, state, mesh
+
+
+def run_steps(compiler, state, mesh, batch_sizes):
+  """One step per batch size from the same state; the losses and states."""
+  hyper = {k: jax.device_put(np.float32(v), mesh_lib.replicated(mesh))
+           for k, v in dict(learning_rate=0.1, momentum=0.9,
+                            bn_decay=0.5).items()}
+  rng = np.random.default_rng(0)
+  out = []
+  for b in batch_sizes:
+    batch = dict(image=rng.normal(size=(b, 16, 16, 1)).astype(np.float32),
+                 label=rng.integers(0, 10, b).astype(np.int32))
+    fresh = jax.tree_util.tree_map(lambda x: x.copy(), state)
+    new, metrics = compiler.get(b)(fresh, batch, hyper)
+    out.append(jax.device_get((new, metrics)))
+  compiler.close()
+  return out
+
+
+def cache(directory, context="tiny", digest=None):
+  return program_cache_lib.ProgramCache(str(directory), context=context,
+                                        source_digest=digest)
+
+
+@pytest.mark.parametrize("accumulation", ["host", "compiled"])
+def test_second_compiler_loads_what_the_first_compiled(tmp_path, accumulation):
+  sizes = SIZES[accumulation]
+  first, second = [], []
+  compiler, state, mesh = setup(cache(tmp_path), accumulation, first)
+  compiled = run_steps(compiler, state, mesh, sizes)
+  assert first == [(b, False) for b in sizes]
+  assert list(tmp_path.glob("*.program"))
+  compiler, state, mesh = setup(cache(tmp_path), accumulation, second)
+  loaded = run_steps(compiler, state, mesh, sizes)
+  assert second == [(b, True) for b in sizes]
+  for a, b in zip(jax.tree_util.tree_leaves(compiled),
+                  jax.tree_util.tree_leaves(loaded)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_another_context_or_source_compiles_anew(tmp_path):
+  events = []
+  for context, digest in (("tiny", "source"), ("other", "source"),
+                          ("tiny", "edited source"), ("tiny", "source")):
+    compiler, _, _ = setup(cache(tmp_path, context, digest), "host", events)
+    compiler.get(64)
+    compiler.close()
+  assert events == [(64, False), (64, False), (64, False), (64, True)]
+
+
+def test_source_digest_follows_every_python_file(tmp_path):
+  for package in program_cache_lib._PACKAGES:
+    (tmp_path / package / "sub").mkdir(parents=True)
+    (tmp_path / package / "sub" / "a.py").write_text("x = 1\n")
+  before = program_cache_lib._source_digest(str(tmp_path))
+  assert program_cache_lib._source_digest(str(tmp_path)) == before
+  (tmp_path / "models" / "sub" / "a.py").write_text("x = 2\n")
+  assert program_cache_lib._source_digest(str(tmp_path)) != before
+  (tmp_path / "models" / "sub" / "a.py").write_text("x = 1\n")
+  (tmp_path / "models" / "notes.txt").write_text("not code")
+  assert program_cache_lib._source_digest(str(tmp_path)) == before
+
+
+def test_unreadable_entry_is_reported_and_replaced(tmp_path, capsys):
+  events = []
+  compiler, _, _ = setup(cache(tmp_path), "host", events)
+  compiler.get(64)
+  compiler.close()
+  (entry,) = tmp_path.glob("*.program")
+  entry.write_bytes(b"cut short by a crash")
+  for _ in range(2):
+    compiler, _, _ = setup(cache(tmp_path), "host", events)
+    compiler.get(64)
+    compiler.close()
+  assert events == [(64, False), (64, False), (64, True)]
+  assert (f"program cache: could not load {entry} (UnpicklingError"
+          in capsys.readouterr().out)
+
+
+def test_unwritable_directory_only_costs_the_next_launch_a_compile(
+    tmp_path, capsys):
+  (tmp_path / "file").write_text("")
+  events = []
+  compiler, state, mesh = setup(cache(tmp_path / "file" / "programs"), "host",
+                                events)
+  run_steps(compiler, state, mesh, [64])
+  assert events == [(64, False)]
+  assert "program cache: could not store" in capsys.readouterr().out
+
+
+def test_second_launch_loads_every_step_and_trains_the_same(tmp_path):
+  """Two runs of one config in two workdirs sharing a cache directory."""
+  from tests.test_train import tiny_config
+  config = tiny_config()
+  config.compilation_cache_dir = str(tmp_path / "cache")
+  finals = []
+  for name in ("first", "second"):
+    finals.append(loop.train_and_evaluate(config, str(tmp_path / name)))
+  compiles = [metrics_lib.read_metrics(str(tmp_path / name), "compile")
+              for name in ("first", "second")]
+  assert not any(r["from_program_cache"] for r in compiles[0])
+  assert all(r["from_program_cache"] for r in compiles[1])
+  assert ([r["batch_size"] for r in compiles[0]]
+          == [r["batch_size"] for r in compiles[1]] == [64, 128, 256])
+  assert finals[0] == finals[1]
+  assert os.listdir(tmp_path / "cache" / "programs")
