@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -266,19 +265,12 @@ def main():
   if a.child:
     print(json.dumps(measure(a.child, a)))
     return
+  from benchmarks import child
   rows = []
   for name in a.models.split(","):
     if name not in MODELS:
       sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    env = dict(os.environ,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={a.devices}",
-               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    out = subprocess.run(
-        [sys.executable, __file__, f"--child={name}", *sys.argv[1:]],
-        env=env, capture_output=True, text=True)
-    if out.returncode:
-      sys.exit(f"benchmark for {name} failed:\n{out.stderr[-3000:]}")
-    rows += json.loads(out.stdout.strip().splitlines()[-1])
+    rows += child.run(__file__, f"--child={name}", a.devices, name)
   print(f"{'model':>9} {'trainer':>9} {'px':>4} {'B':>5} {'ms/step':>8} "
         f"{'ex/s':>7} {'GFLOP/step':>10} {'MFU':>6} {'vs ref':>6}")
   for r in rows:

@@ -16,7 +16,6 @@ import argparse
 import ast
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -114,16 +113,10 @@ def main():
   if a.child:
     print(json.dumps(measure(a)))
     return
+  from benchmarks import child
   rows = []
   for n in a.devices.split(","):
-    env = dict(os.environ,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    out = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]],
-                         env=env, capture_output=True, text=True)
-    if out.returncode:
-      sys.exit(f"benchmark child for {n} devices failed:\n{out.stderr[-3000:]}")
-    rows += json.loads(out.stdout.strip().splitlines()[-1])
+    rows += child.run(__file__, "--child", n, f"{n} devices")
   print(f"{'devices':>7} {'accumulation':>12} {'dev.batch':>9} {'B':>6} "
         f"{'micro':>5} {'ms/step':>8} {'ex/s':>8} {'vs best unsplit':>15}")
   for r in rows:

@@ -18,12 +18,18 @@ from trainer import program_cache as program_cache_lib
 SIZES = dict(host=(64, 256), compiled=(256,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def xla_compilation_cache(tmp_path_factory):
-  """JAX's own cache makes each recompile here cheap; what these tests
-  check is whether the program cache was used (`on_compiled`'s flag)."""
-  compile_lib.enable_compilation_cache(
-      str(tmp_path_factory.mktemp("xla_cache")))
+@pytest.fixture(autouse=True)
+def fresh_xla_cache(tmp_path):
+  """Each test starts with an empty JAX persistent cache (so its first
+  compile is a real one, which the program cache stores); later compiles of
+  the same function in the test are JAX cache hits, which it does not."""
+  from jax._src import compilation_cache  # What JAX's own tests reset.
+  before = jax.config.values["jax_compilation_cache_dir"]
+  compilation_cache.reset_cache()
+  compile_lib.enable_compilation_cache(str(tmp_path / "xla_cache"))
+  yield
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", before)
 
 
 def setup(cache, accumulation, events):
@@ -69,11 +75,12 @@ def cache(directory, context="tiny", digest=None):
 def test_second_compiler_loads_what_the_first_compiled(tmp_path, accumulation):
   sizes = SIZES[accumulation]
   first, second = [], []
-  compiler, state, mesh = setup(cache(tmp_path), accumulation, first)
+  programs = tmp_path / "programs"
+  compiler, state, mesh = setup(cache(programs), accumulation, first)
   compiled = run_steps(compiler, state, mesh, sizes)
   assert first == [(b, False) for b in sizes]
-  assert list(tmp_path.glob("*.program"))
-  compiler, state, mesh = setup(cache(tmp_path), accumulation, second)
+  assert list(programs.glob("*.program"))
+  compiler, state, mesh = setup(cache(programs), accumulation, second)
   loaded = run_steps(compiler, state, mesh, sizes)
   assert second == [(b, True) for b in sizes]
   for a, b in zip(jax.tree_util.tree_leaves(compiled),
@@ -85,7 +92,8 @@ def test_another_context_or_source_compiles_anew(tmp_path):
   events = []
   for context, digest in (("tiny", "source"), ("other", "source"),
                           ("tiny", "edited source"), ("tiny", "source")):
-    compiler, _, _ = setup(cache(tmp_path, context, digest), "host", events)
+    compiler, _, _ = setup(cache(tmp_path / "programs", context, digest),
+                           "host", events)
     compiler.get(64)
     compiler.close()
   assert events == [(64, False), (64, False), (64, False), (64, True)]
@@ -104,20 +112,34 @@ def test_source_digest_follows_every_python_file(tmp_path):
   assert program_cache_lib._source_digest(str(tmp_path)) == before
 
 
-def test_unreadable_entry_is_reported_and_replaced(tmp_path, capsys):
+def test_unreadable_entry_is_reported_and_removed(tmp_path, capsys):
   events = []
-  compiler, _, _ = setup(cache(tmp_path), "host", events)
+  programs = tmp_path / "programs"
+  compiler, _, _ = setup(cache(programs), "host", events)
   compiler.get(64)
   compiler.close()
-  (entry,) = tmp_path.glob("*.program")
+  (entry,) = programs.glob("*.program")
   entry.write_bytes(b"cut short by a crash")
-  for _ in range(2):
-    compiler, _, _ = setup(cache(tmp_path), "host", events)
-    compiler.get(64)
-    compiler.close()
-  assert events == [(64, False), (64, False), (64, True)]
+  compiler, _, _ = setup(cache(programs), "host", events)
+  compiler.get(64)
+  compiler.close()
+  assert events == [(64, False), (64, False)]
   assert (f"program cache: could not load {entry} (UnpicklingError"
           in capsys.readouterr().out)
+  assert not entry.exists()
+
+
+def test_executable_from_jax_persistent_cache_is_not_stored(tmp_path):
+  """On XLA:CPU such an executable serializes without its kernels."""
+  events = []
+  compiler, _, _ = setup(None, "host", events)  # Fills JAX's cache only.
+  compiler.get(64)
+  compiler.close()
+  compiler, _, _ = setup(cache(tmp_path / "programs"), "host", events)
+  compiler.get(64)
+  compiler.close()
+  assert events == [(64, False), (64, False)]
+  assert not list((tmp_path / "programs").glob("*.program"))
 
 
 def test_unwritable_directory_only_costs_the_next_launch_a_compile(

@@ -54,6 +54,7 @@ def test_run_follows_the_plan(run):
     assert r["learning_rate"] == pytest.approx(pos.learning_rate)
     assert r["noise_scale"] == pytest.approx(pos.noise_scale)
     assert r["examples_per_second"] > 0 and r["step_time"] > 0
+    assert 0 <= r["compile_wait"] <= r["step_time"]
   assert train[-1]["train_loss"] < train[0]["train_loss"]
 
 

@@ -296,13 +296,15 @@ class StepCompiler:
           break
         loaded[name] = fn
     from_cache = len(loaded) == len(names)
+    hits = program_cache_lib.persistent_cache_hits()
     if from_cache:
       functions = loaded
     elif key[0] == "fused":
       functions = dict(step=self.compile(batch_size))
     else:
       functions = self.compile_accumulation(batch_size)
-    if cache is not None and not from_cache:
+    compiled_here = program_cache_lib.persistent_cache_hits() == hits
+    if cache is not None and not from_cache and compiled_here:
       for name in names:
         cache.store(self._description(key, name), functions[name])
     k = micro_batches(batch_size, self._mesh.size, self._max_device_batch,

@@ -405,6 +405,7 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
         # step_time includes any wait for this stage's compile to finish.
         start = time.perf_counter()
         step_fn = compiler.get(pos.batch_size)
+        compile_wait = time.perf_counter() - start
         state, metrics = step_fn(state, local,
                                  _step_hyper(config, pos, n, replicated))
         # Waiting for each step keeps one step in flight; on CPU meshes two
@@ -436,6 +437,7 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
               **({} if noise_scale is None else
                  dict(grad_noise_scale=noise_scale)),
               examples_per_second=rate, step_time=step_time,
+              compile_wait=compile_wait,
               peak_host_memory_mb=_peak_host_memory_mb(),
               wall_time=time.perf_counter() - run_start)
           writer.write("train", step, **record)

@@ -15,7 +15,11 @@ key made of everything the traced program can depend on:
 * the backend, its version, and this process's devices and index.
 
 Any change to these is a miss (the function is compiled as before, then
-stored). A file that fails to load is reported in one line and replaced.
+stored). A file that fails to load is reported in one line and removed.
+Only functions compiled in this process are stored: on XLA:CPU an
+executable that JAX's persistent cache handed back serializes without its
+kernels (running it after loading failed with "Function ... not found"),
+so `StepCompiler` skips storing whatever `persistent_cache_hits` counted.
 Loading runs pickle: point the cache only at a directory you trust, as
 with JAX's own cache.
 """
@@ -26,6 +30,7 @@ import os
 import pickle
 import platform
 import sys
+import threading
 import uuid
 
 import jax
@@ -33,6 +38,21 @@ from etils import epath
 from jax.experimental import serialize_executable
 
 _PACKAGES = ("trainer", "models")
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_hits = threading.local()
+
+
+def _count_hit(event: str, **_) -> None:
+  if event == _HIT_EVENT:
+    _hits.count = getattr(_hits, "count", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+
+
+def persistent_cache_hits() -> int:
+  """Hits of JAX's persistent compilation cache so far in this thread."""
+  return getattr(_hits, "count", 0)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIBRARIES = ("jax", "jaxlib", "flax", "optax")
 
@@ -95,8 +115,9 @@ class ProgramCache:
                                                        out_tree)
     except Exception as e:  # pylint: disable=broad-except
       print(f"program cache: could not load {path} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); compiling instead",
-            flush=True)
+            f"{str(e).splitlines()[0] if str(e) else ''}); removed it, "
+            "compiling instead", flush=True)
+      path.unlink(missing_ok=True)
       return None
 
   def store(self, description: str, compiled) -> None:

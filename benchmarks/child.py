@@ -1,0 +1,26 @@
+"""Running a benchmark's measurement in a child process.
+
+XLA fixes the number of (virtual CPU) devices when it starts, so a benchmark
+that compares device counts or models measures each in a fresh process:
+the script re-runs itself with `child_argument` added and prints its rows as
+one JSON line last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run(script: str, child_argument: str, devices, what: str) -> list[dict]:
+  """Rows printed by `script` re-run with `child_argument` on `devices`
+  virtual CPU devices; exits with the child's stderr tail if it fails."""
+  env = dict(os.environ,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  out = subprocess.run([sys.executable, script, child_argument, *sys.argv[1:]],
+                       env=env, capture_output=True, text=True)
+  if out.returncode:
+    sys.exit(f"benchmark child for {what} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,142 @@
+"""Where a train step's time goes: a JAX profiler trace of the trainer's step,
+summed per kind of XLA operation, for the first run of the compiled step and
+for the steady state.
+
+    python benchmarks/profile_step.py [--config=configs/fashion_mnist.py] \
+        [--batch_size=128] [--steps=4] [--trace_dir=DIR] [--set field=value]
+
+The step is the one the trainer runs (`StepCompiler`, the config's
+accumulation mode) on 8 virtual CPU devices unless XLA_FLAGS says otherwise.
+Times are summed over the device threads (so they exceed wall time); a
+category's share of the step and its first-run / steady-state ratio are
+what to read. `--trace_dir` keeps the trace for TensorBoard or Perfetto.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
+                                                                  ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# XLA operation events are named like "ynn_fusion.21" or "all-reduce.50";
+# runtime bookkeeping ("ThunkExecutor::Execute", "Wait: ...") and Python
+# frames ("$api.py:...") are not operations.
+_OP = re.compile(r"^[a-z][a-z0-9_\-]*(\.\d+)?$")
+CATEGORIES = (  # First match wins.
+    ("YNNPACK library fusion (conv, dot)", re.compile(r"^ynn_fusion")),
+    ("convolution (XLA)", re.compile(r"conv")),
+    ("all-reduce", re.compile(r"all-reduce")),
+    ("transpose / copy", re.compile(r"transpose|copy")),
+    ("reduction", re.compile(r"reduce")),
+    ("other fusion / elementwise", re.compile(r".")),
+)
+
+
+def category(name: str) -> str:
+  return next(label for label, pattern in CATEGORIES if pattern.search(name))
+
+
+def op_milliseconds(trace_dir: str) -> dict[str, float]:
+  """Milliseconds per operation category in the trace under `trace_dir`."""
+  from jax import profiler
+  (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
+                      recursive=True)
+  totals = collections.Counter()
+  for plane in profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if _OP.match(event.name):
+          totals[category(event.name)] += event.duration_ns / 1e6
+  return totals
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="configs/fashion_mnist.py")
+  p.add_argument("--batch_size", type=int, default=0,
+                 help="default: the schedule's first batch size")
+  p.add_argument("--steps", type=int, default=4,
+                 help="steady-state steps traced after the first")
+  p.add_argument("--trace_dir", default="")
+  p.add_argument("--set", action="append", default=[],
+                 help="config override FIELD=VALUE")
+  a = p.parse_args()
+
+  import jax
+  import numpy as np
+  from jax import profiler
+
+  import models
+  from benchmarks.train_step import load_config
+  from trainer import compile as compile_lib
+  from trainer import loop
+  from trainer import mesh as mesh_lib
+  from trainer import optimizer as optimizer_lib
+
+  config = load_config(a.config, a.set)
+  b = a.batch_size or config.schedule.batch_size
+  mesh = mesh_lib.make_mesh()
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.01,
+                                    momentum=0.9)
+  d = config.dataset
+  state = loop.create_train_state(config, model, tx, mesh, seed=0)
+  compiler = compile_lib.StepCompiler(
+      mesh=mesh, model=model, tx=tx,
+      abstract_state=compile_lib.abstract(state),
+      image_shape=(d.image_size, d.image_size, d.channels),
+      max_device_batch=config.max_device_batch,
+      ghost_batch_size=config.ghost_batch_size,
+      micro_batch_unroll=config.micro_batch_unroll,
+      accumulation=config.accumulation, on_compiled=lambda *args: None)
+  step = compiler.get(b)
+  hyper = {k: jax.device_put(np.float32(v), mesh_lib.replicated(mesh))
+           for k, v in dict(learning_rate=0.01, momentum=0.9,
+                            bn_decay=0.9).items()}
+  rng = np.random.default_rng(0)
+  batch = dict(image=rng.normal(size=(b, d.image_size, d.image_size,
+                                      d.channels)).astype(np.float32),
+               label=rng.integers(0, d.num_classes, b).astype(np.int32))
+  root = a.trace_dir or tempfile.mkdtemp()
+  phases = {}
+  for phase, steps in (("first run", 1), ("steady", a.steps)):
+    directory = os.path.join(root, phase.replace(" ", "_"))
+    start = time.perf_counter()
+    with profiler.trace(directory):
+      for _ in range(steps):
+        state, metrics = step(state, batch, hyper)
+        jax.device_get(metrics)
+    wall = (time.perf_counter() - start) / steps
+    phases[phase] = (wall, {k: v / steps
+                            for k, v in op_milliseconds(directory).items()})
+  compiler.close()
+
+  print(f"{a.config} B={b} on {mesh.size} devices, {config.accumulation} "
+        f"accumulation; per step, summed over device threads")
+  first_wall, first = phases["first run"]
+  steady_wall, steady = phases["steady"]
+  total = sum(steady.values())
+  print(f"{'operations':<36} {'first ms':>9} {'steady ms':>9} "
+        f"{'share':>6} {'first/steady':>12}")
+  for label, _ in CATEGORIES:
+    f, s = first.get(label, 0.0), steady.get(label, 0.0)
+    ratio = f"{f / s:12.2f}" if s else f"{'-':>12}"
+    print(f"{label:<36} {f:9.1f} {s:9.1f} {s / total:6.1%} {ratio}")
+  print(f"{'wall time of the step':<36} {1000 * first_wall:9.1f} "
+        f"{1000 * steady_wall:9.1f} {'':>6} {first_wall / steady_wall:12.2f}")
+  if a.trace_dir:
+    print(f"trace: {a.trace_dir} (tensorboard --logdir, or Perfetto)")
+
+
+if __name__ == "__main__":
+  main()
