@@ -13,11 +13,14 @@ import subprocess
 import sys
 
 
-def run(script: str, child_argument: str, devices, what: str) -> list[dict]:
+def run(script: str, child_argument: str, devices, what: str,
+        xla_flags: str = "") -> list[dict]:
   """Rows printed by `script` re-run with `child_argument` on `devices`
-  virtual CPU devices; exits with the child's stderr tail if it fails."""
+  virtual CPU devices (and `xla_flags`); exits with the child's stderr tail
+  if it fails."""
   env = dict(os.environ,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
+                        f"{xla_flags}"),
              JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   out = subprocess.run([sys.executable, script, child_argument, *sys.argv[1:]],
                        env=env, capture_output=True, text=True)

@@ -3,7 +3,8 @@ accumulation modes and micro-batch sizes, side by side in one invocation.
 
     python benchmarks/train_step.py --config=configs/fashion_mnist.py \
         --batch_sizes=128,512,1024 --devices=8 --accumulation=host,compiled \
-        [--max_device_batch=16,32,64] [--set model.width=8 ...]
+        [--max_device_batch=16,32,64] [--xla_flags=';--flag=value'] \
+        [--set model.width=8 ...]
 
 Each device count runs in its own subprocess (XLA fixes it at start-up).
 Data is random numpy on the host, handed over as the trainer does (the host
@@ -105,6 +106,10 @@ def main():
   p.add_argument("--max_device_batch", default="",
                  help="comma-separated micro-batch sizes per device to sweep "
                       "(default: the config's)")
+  p.add_argument("--xla_flags", default="",
+                 help="';'-separated sets of extra XLA flags to compare, e.g. "
+                      "';--xla_cpu_experimental_ynn_fusion_type=' (default "
+                      "flags, then no YNNPACK fusions)")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--set", action="append", default=[],
                  help="config override FIELD=VALUE, e.g. model.width=8")
@@ -116,18 +121,23 @@ def main():
   from benchmarks import child
   rows = []
   for n in a.devices.split(","):
-    rows += child.run(__file__, "--child", n, f"{n} devices")
+    for flags in a.xla_flags.split(";"):
+      rows += [dict(r, xla_flags=flags.strip() or "default")
+               for r in child.run(__file__, "--child", n, f"{n} devices",
+                                  flags)]
   print(f"{'devices':>7} {'accumulation':>12} {'dev.batch':>9} {'B':>6} "
-        f"{'micro':>5} {'ms/step':>8} {'ex/s':>8} {'vs best unsplit':>15}")
+        f"{'micro':>5} {'ms/step':>8} {'ex/s':>8} {'vs best unsplit':>15}"
+        "  XLA flags")
   for r in rows:
     single = [s["examples_per_second"] for s in rows
-              if s["devices"] == r["devices"] and s["micro_batches"] == 1]
+              if s["devices"] == r["devices"] and s["micro_batches"] == 1
+              and s["xla_flags"] == r["xla_flags"]]
     ratio = (f"{r['examples_per_second'] / max(single):>15.2f}"
              if single else f"{'-':>15}")
     print(f"{r['devices']:>7} {r['accumulation']:>12} "
           f"{r['max_device_batch']:>9} {r['batch_size']:>6} "
           f"{r['micro_batches']:>5} {1000 * r['step_seconds']:>8.1f} "
-          f"{r['examples_per_second']:>8.0f} {ratio}")
+          f"{r['examples_per_second']:>8.0f} {ratio}  {r['xla_flags']}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from etils import epath
 from jax.experimental import serialize_executable
 
 _PACKAGES = ("trainer", "models")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LIBRARIES = ("jax", "jaxlib", "flax", "optax")
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _hits = threading.local()
 
@@ -53,8 +55,6 @@ jax.monitoring.register_event_listener(_count_hit)
 def persistent_cache_hits() -> int:
   """Hits of JAX's persistent compilation cache so far in this thread."""
   return getattr(_hits, "count", 0)
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LIBRARIES = ("jax", "jaxlib", "flax", "optax")
 
 
 def _source_digest(root: str = _ROOT, packages=_PACKAGES) -> str:
