@@ -2,7 +2,14 @@
 batch, same mesh; plus model-FLOPs utilisation.
 
     python benchmarks/reference_step.py [--models=resnet50,small] \
-        [--image_size=64] [--batch_size=64] [--devices=8] [--steps=5]
+        [--image_size=64] [--batch_size=64] [--devices=8] [--steps=5] \
+        [--dtype=float32] [--peak_size=1024]
+
+On one GPU, the figure the performance issue asks for (bf16, 224 px):
+
+    JAX_PLATFORMS=cuda python benchmarks/reference_step.py --models=resnet50 \
+        --image_size=224 --batch_size=256 --ghost_batch_size=32 \
+        --dtype=bfloat16 --peak_size=8192
 
 The reference is what a user of Flax's ImageNet example runs: a ResNet v1.5
 with ordinary `nn.BatchNorm` (statistics over the whole global batch, which
@@ -32,7 +39,7 @@ import time
 MODELS = {
     # name: (config file, overrides)
     "resnet50": ("configs/imagenet_resnet50.py",
-                 {"model.dtype": "float32"}),
+                 {}),  # --dtype sets model.dtype.
     "small": ("configs/fashion_mnist.py", {}),
 }
 
@@ -44,6 +51,7 @@ def reference_model(config):
 
   m = config.model
   bottleneck = m.name == "resnet50"
+  dtype = jnp.dtype(m.dtype)  # Compute dtype; parameters stay float32.
 
   class Block(nn.Module):
     filters: int
@@ -52,8 +60,9 @@ def reference_model(config):
     @nn.compact
     def __call__(self, x, train):
       norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                               dtype=dtype,
                                momentum=0.9, epsilon=1e-5)
-      conv = functools.partial(nn.Conv, use_bias=False)
+      conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
       out_filters = self.filters * (4 if bottleneck else 1)
       if bottleneck:
         y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
@@ -74,18 +83,23 @@ def reference_model(config):
     def __call__(self, x, train):
       if bottleneck:
         x = nn.Conv(m.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+                    dtype=dtype,
                     use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train,
+                                 dtype=dtype)(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         sizes = (3, 4, 6, 3)
       else:
-        x = nn.Conv(m.width, (3, 3), use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.Conv(m.width, (3, 3), use_bias=False, dtype=dtype)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train,
+                                 dtype=dtype)(x))
         sizes = (m.blocks_per_stage,) * 3
       for i, n in enumerate(sizes):
         for j in range(n):
           x = Block(m.width * 2**i, 2 if i > 0 and j == 0 else 1)(x, train)
-      return nn.Dense(config.dataset.num_classes)(jnp.mean(x, axis=(1, 2)))
+      x = nn.Dense(config.dataset.num_classes, dtype=dtype)(
+          jnp.mean(x, axis=(1, 2)))
+      return x.astype(jnp.float32)
 
   return Net()
 
@@ -98,6 +112,7 @@ def load(name, args):
   if name == "resnet50":
     overrides["dataset.image_size"] = args.image_size
   overrides["ghost_batch_size"] = args.ghost_batch_size
+  overrides["model.dtype"] = args.dtype
   config = load_config(path, [f"{k}={v}" for k, v in overrides.items()])
   return config
 
@@ -211,7 +226,7 @@ def measure(name, args):
     ref_state = jax.jit(ref_init, out_shardings=replicated)(
         jax.random.PRNGKey(0))
   compiler.close()
-  peak = matmul_peak(mesh)
+  peak = matmul_peak(mesh, config.model.dtype, args.peak_size)
   rows = []
   for who in ("ours", "reference"):
     s = float(np.median(seconds[who]))
@@ -230,14 +245,14 @@ def _flops(lowered) -> float:
   return float(cost["flops"])
 
 
-def matmul_peak(mesh, n=1024, repeats=5) -> float:
-  """Best float32 FLOP/s of one n x n matmul per device, all devices at once."""
+def matmul_peak(mesh, dtype="float32", n=1024, repeats=5) -> float:
+  """Best FLOP/s of one n x n `dtype` matmul per device, all devices at once."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   sharding = NamedSharding(mesh, P("data"))
-  x = jax.device_put(jnp.ones((mesh.size, n, n), jnp.float32), sharding)
+  x = jax.device_put(jnp.ones((mesh.size, n, n), dtype), sharding)
   f = jax.jit(lambda a: jnp.einsum("dij,djk->dik", a, a),
               out_shardings=sharding)
   jax.block_until_ready(f(x))
@@ -256,6 +271,12 @@ def main():
                  help="ResNet-50 input size (the small model keeps 28)")
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--ghost_batch_size", type=int, default=8)
+  p.add_argument("--dtype", default="float32",
+                 help="compute dtype of both models and of the peak matmul "
+                      "(bfloat16 on an accelerator)")
+  p.add_argument("--peak_size", type=int, default=1024,
+                 help="n of the n x n matmul that measures the peak (8192 "
+                      "on a GPU)")
   p.add_argument("--devices", default="8")
   p.add_argument("--steps", type=int, default=3, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=2,
@@ -281,7 +302,7 @@ def main():
           f"{r['examples_per_second']:>7.1f} {r['step_flops'] / 1e9:>10.2f} "
           f"{r['mfu']:>6.1%} "
           f"{r['examples_per_second'] / ref['examples_per_second']:>6.2f}")
-  print(f"peak: {rows[0]['peak_flops'] / 1e9:.1f} GFLOP/s float32 matmul over "
+  print(f"peak: {rows[0]['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul over "
         f"{rows[0]['devices']} devices")
 
 
