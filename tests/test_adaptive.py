@@ -148,19 +148,19 @@ def test_adaptive_run_grows_b_and_resumes_exactly(tmp_path, xla_cache):
     assert t["batch_size"] == (before[-1] if before else 64)
 
   parts = str(tmp_path / "parts")
-  errors = open(tmp_path / "parts.stderr", "w+")  # pylint: disable=consider-using-with
-  p = subprocess.Popen(command(parts, xla_cache, *ADAPTIVE),
-                       stdout=subprocess.PIPE, stderr=errors,
-                       text=True, env=ENV)
-  out = []
-  for line in p.stdout:
-    out.append(line)
-    if line.startswith("step 10/"):  # After the decision at step 8.
-      p.send_signal(signal.SIGTERM)
-      break
-  p.communicate(timeout=120)
-  errors.seek(0)
-  assert p.returncode == 0, "".join(out) + errors.read()[-3000:]
+  with open(tmp_path / "parts.stderr", "w+", encoding="utf-8") as errors:
+    p = subprocess.Popen(command(parts, xla_cache, *ADAPTIVE),
+                         stdout=subprocess.PIPE, stderr=errors,
+                         text=True, env=ENV)
+    out = []
+    for line in p.stdout:
+      out.append(line)
+      if line.startswith("step 10/"):  # After the decision at step 8.
+        p.send_signal(signal.SIGTERM)
+        break
+    p.communicate(timeout=120)
+    errors.seek(0)
+    assert p.returncode == 0, "".join(out) + errors.read()[-3000:]
   r = subprocess.run(command(parts, xla_cache, *ADAPTIVE), capture_output=True,
                      text=True, env=ENV, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -88,15 +88,24 @@ def test_second_compiler_loads_what_the_first_compiled(tmp_path, accumulation):
     np.testing.assert_array_equal(a, b)
 
 
-def test_another_context_or_source_compiles_anew(tmp_path):
-  events = []
-  for context, digest in (("tiny", "source"), ("other", "source"),
-                          ("tiny", "edited source"), ("tiny", "source")):
-    compiler, _, _ = setup(cache(tmp_path / "programs", context, digest),
-                           "host", events)
-    compiler.get(64)
-    compiler.close()
-  assert events == [(64, False), (64, False), (64, False), (64, True)]
+ONE = jax.devices()[:1]  # What `doubler` is compiled for.
+
+
+def doubler():
+  """A small compiled function: what the cache does not care about."""
+  return jax.jit(lambda x: 2.0 * x).lower(
+      jax.ShapeDtypeStruct((4,), np.float32)).compile()
+
+
+def test_entry_is_found_only_under_the_same_key(tmp_path):
+  cache(tmp_path, "tiny", "source").store("step B=64", doubler())
+  for context, digest, description in (("other", "source", "step B=64"),
+                                       ("tiny", "edited", "step B=64"),
+                                       ("tiny", "source", "step B=128")):
+    assert cache(tmp_path, context, digest).load(description, ONE) is None
+  loaded = cache(tmp_path, "tiny", "source").load("step B=64", ONE)
+  np.testing.assert_array_equal(loaded(np.arange(4, dtype=np.float32)),
+                                [0.0, 2.0, 4.0, 6.0])
 
 
 def test_source_digest_follows_every_python_file(tmp_path):
@@ -113,17 +122,11 @@ def test_source_digest_follows_every_python_file(tmp_path):
 
 
 def test_unreadable_entry_is_reported_and_removed(tmp_path, capsys):
-  events = []
-  programs = tmp_path / "programs"
-  compiler, _, _ = setup(cache(programs), "host", events)
-  compiler.get(64)
-  compiler.close()
-  (entry,) = programs.glob("*.program")
+  programs = cache(tmp_path)
+  programs.store("step", doubler())
+  (entry,) = tmp_path.glob("*.program")
   entry.write_bytes(b"cut short by a crash")
-  compiler, _, _ = setup(cache(programs), "host", events)
-  compiler.get(64)
-  compiler.close()
-  assert events == [(64, False), (64, False)]
+  assert programs.load("step", ONE) is None
   assert (f"program cache: could not load {entry} (UnpicklingError"
           in capsys.readouterr().out)
   assert not entry.exists()
@@ -142,14 +145,9 @@ def test_executable_from_jax_persistent_cache_is_not_stored(tmp_path):
   assert not list((tmp_path / "programs").glob("*.program"))
 
 
-def test_unwritable_directory_only_costs_the_next_launch_a_compile(
-    tmp_path, capsys):
+def test_unwritable_directory_only_warns(tmp_path, capsys):
   (tmp_path / "file").write_text("")
-  events = []
-  compiler, state, mesh = setup(cache(tmp_path / "file" / "programs"), "host",
-                                events)
-  run_steps(compiler, state, mesh, [64])
-  assert events == [(64, False)]
+  cache(tmp_path / "file" / "programs").store("step", doubler())
   assert "program cache: could not store" in capsys.readouterr().out
 
 

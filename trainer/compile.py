@@ -291,7 +291,8 @@ class StepCompiler:
     loaded = {}
     if cache is not None:
       for name in names:
-        fn = cache.load(self._description(key, name))
+        fn = cache.load(self._description(key, name),
+                        devices=self._mesh.devices.flat)
         if fn is None:
           break
         loaded[name] = fn

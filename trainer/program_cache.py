@@ -2,8 +2,9 @@
 
 JAX's persistent compilation cache skips XLA's compile on a second launch,
 but every function is still traced and lowered to find its cache entry: on
-this repository's CPU runs that is 0.5–2.5 s a function, 20–35% of a cold
-compile (README, benchmarks/stage_switch.py). This cache stores the
+this repository's CPU runs 0.6 s a function for the small model and 2.5 s
+for ResNet-50, so a second launch spent 0.23–0.27 of the first's compile
+seconds (README, benchmarks/stage_switch.py). This cache stores the
 executables themselves (`jax.experimental.serialize_executable`), under a
 key made of everything the traced program can depend on:
 
@@ -104,15 +105,16 @@ class ProgramCache:
     key = hashlib.sha256("\n".join([*self._base, description]).encode())
     return self.directory / f"{key.hexdigest()}.program"
 
-  def load(self, description: str):
-    """The compiled function stored under `description`, or None."""
+  def load(self, description: str, devices):
+    """The compiled function stored under `description`, or None; `devices`
+    are those it was compiled for, in its device assignment's order."""
     path = self._path(description)
     if not path.exists():
       return None
     try:
       payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-      return serialize_executable.deserialize_and_load(payload, in_tree,
-                                                       out_tree)
+      return serialize_executable.deserialize_and_load(
+          payload, in_tree, out_tree, execution_devices=list(devices))
     except Exception as e:  # pylint: disable=broad-except
       print(f"program cache: could not load {path} ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); removed it, "
