@@ -325,14 +325,22 @@ class StepCompiler:
           self._futures[key] = done
       return self._futures[key]
 
+  def _in_program_cache(self, batch_size) -> bool:
+    key = self._key(batch_size)
+    return self._program_cache is not None and all(
+        self._program_cache.contains(self._description(key, name))
+        for name in self._FUNCTIONS[key[0]])
+
   def start(self, batch_sizes) -> None:
-    """Compiles the first size now and queues the rest in the background."""
+    """Compiles the first size now and queues the rest in the background;
+    sizes the program cache holds load now (a load is short, and in the
+    background it would compete with training for the host's cores)."""
     if not batch_sizes:
       return
     first, *rest = batch_sizes
     self._submit(first, background=False)
     for b in rest:
-      self._submit(b, background=True)
+      self._submit(b, background=not self._in_program_cache(b))
 
   def get(self, batch_size: int):
     """The step for `batch_size`, a callable (state, local batch, hyper) ->

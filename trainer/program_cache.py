@@ -105,6 +105,9 @@ class ProgramCache:
     key = hashlib.sha256("\n".join([*self._base, description]).encode())
     return self.directory / f"{key.hexdigest()}.program"
 
+  def contains(self, description: str) -> bool:
+    return self._path(description).exists()
+
   def load(self, description: str, devices):
     """The compiled function stored under `description`, or None; `devices`
     are those it was compiled for, in its device assignment's order."""
