@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,23 +40,20 @@ def main():
   from jax.sharding import Mesh
 
   import models
-  from benchmarks.train_step import load_config
+  from benchmarks import common
   from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
   from trainer import optimizer as optimizer_lib
 
-  config = load_config(a.config, [
+  config = common.load_config(a.config, [
       f"dataset.image_size={a.image_size}", f"model.dtype={a.dtype}",
       f"ghost_batch_size={a.ghost_batch_size}"])
   mesh = Mesh(np.array(jax.devices()[:1]), (mesh_lib.DATA_AXIS,))
   model = models.create_model(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
                                     momentum=0.9)
-  d = config.dataset
-  hyper = {k: jax.device_put(np.float32(v), mesh_lib.replicated(mesh))
-           for k, v in dict(learning_rate=0.1, momentum=0.9,
-                            bn_decay=0.9).items()}
+  hyper = common.step_hyper(mesh, learning_rate=0.1)
   rng = np.random.default_rng(0)
   print(f"{config.model.name} {a.image_size} px {a.dtype} on "
         f"{jax.devices()[0].device_kind}")
@@ -66,24 +62,14 @@ def main():
   while b <= a.limit:
     try:
       state = loop.create_train_state(config, model, tx, mesh, seed=0)
-      compiler = compile_lib.StepCompiler(
-          mesh=mesh, model=model, tx=tx,
-          abstract_state=compile_lib.abstract(state),
-          image_shape=(d.image_size, d.image_size, d.channels),
-          max_device_batch=b, ghost_batch_size=config.ghost_batch_size,
-          accumulation="host", on_compiled=lambda *args: None)
+      compiler = compile_lib.StepCompiler.for_config(
+          config, mesh=mesh, model=model, tx=tx, state=state,
+          max_device_batch=b, micro_batch_unroll=0, accumulation="host",
+          weight_average=False)
       step = compiler.get(b)
-      batch = dict(
-          image=rng.normal(size=(b, d.image_size, d.image_size,
-                                 d.channels)).astype(np.float32),
-          label=rng.integers(0, d.num_classes, b).astype(np.int32))
-      state, metrics = step(state, batch, hyper)
-      jax.device_get(metrics)
-      start = time.perf_counter()
-      for _ in range(a.steps):
-        state, metrics = step(state, batch, hyper)
-        jax.device_get(metrics)
-      seconds = (time.perf_counter() - start) / a.steps
+      state, seconds = common.seconds_per_step(
+          step, state, common.random_batch(rng, config.dataset, b), hyper,
+          a.steps)
       compiler.close()
     except Exception as e:  # pylint: disable=broad-except
       if not out_of_memory(e):

@@ -77,36 +77,25 @@ def main():
   from jax import profiler
 
   import models
-  from benchmarks.train_step import load_config
+  from benchmarks import common
   from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
   from trainer import optimizer as optimizer_lib
 
-  config = load_config(a.config, a.set)
+  config = common.load_config(a.config, a.set)
   b = a.batch_size or config.schedule.batch_size
   mesh = mesh_lib.make_mesh()
   model = models.create_model(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.01,
                                     momentum=0.9)
-  d = config.dataset
   state = loop.create_train_state(config, model, tx, mesh, seed=0)
-  compiler = compile_lib.StepCompiler(
-      mesh=mesh, model=model, tx=tx,
-      abstract_state=compile_lib.abstract(state),
-      image_shape=(d.image_size, d.image_size, d.channels),
-      max_device_batch=config.max_device_batch,
-      ghost_batch_size=config.ghost_batch_size,
-      micro_batch_unroll=config.micro_batch_unroll,
-      accumulation=config.accumulation, on_compiled=lambda *args: None)
+  compiler = compile_lib.StepCompiler.for_config(
+      config, mesh=mesh, model=model, tx=tx, state=state,
+      weight_average=False)
   step = compiler.get(b)
-  hyper = {k: jax.device_put(np.float32(v), mesh_lib.replicated(mesh))
-           for k, v in dict(learning_rate=0.01, momentum=0.9,
-                            bn_decay=0.9).items()}
-  rng = np.random.default_rng(0)
-  batch = dict(image=rng.normal(size=(b, d.image_size, d.image_size,
-                                      d.channels)).astype(np.float32),
-               label=rng.integers(0, d.num_classes, b).astype(np.int32))
+  hyper = common.step_hyper(mesh, learning_rate=0.01)
+  batch = common.random_batch(np.random.default_rng(0), config.dataset, b)
   root = a.trace_dir or tempfile.mkdtemp()
   phases = {}
   for phase, steps in (("first run", 1), ("steady", a.steps)):

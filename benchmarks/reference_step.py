@@ -106,7 +106,7 @@ def reference_model(config):
 
 def load(name, args):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from benchmarks.train_step import load_config
+  from benchmarks.common import load_config
   path, overrides = MODELS[name]
   overrides = dict(overrides)
   if name == "resnet50":
@@ -125,6 +125,7 @@ def measure(name, args):
   import optax
 
   import models
+  from benchmarks import common
   from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
@@ -135,12 +136,8 @@ def measure(name, args):
   mesh = mesh_lib.make_mesh()
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   d, b = config.dataset, args.batch_size
-  rng = np.random.default_rng(0)
-  host_batch = dict(
-      image=rng.normal(size=(b, d.image_size, d.image_size,
-                             d.channels)).astype(np.float32),
-      label=rng.integers(0, d.num_classes, b).astype(np.int32))
-  batch = mesh_lib.global_batch(host_batch, mesh)
+  batch = mesh_lib.global_batch(
+      common.random_batch(np.random.default_rng(0), d, b), mesh)
   abstract = compile_lib.abstract
 
   # Ours.
@@ -149,15 +146,13 @@ def measure(name, args):
                                     momentum=0.9)
   ours_state = loop.create_train_state(config, model, tx, mesh,
                                        seed=0)
-  compiler = compile_lib.StepCompiler(
-      mesh=mesh, model=model, tx=tx, abstract_state=abstract(ours_state),
-      image_shape=(d.image_size, d.image_size, d.channels),
-      max_device_batch=b, ghost_batch_size=config.ghost_batch_size,
-      accumulation="host", on_compiled=lambda *a: None)
+  compiler = compile_lib.StepCompiler.for_config(
+      config, mesh=mesh, model=model, tx=tx, state=ours_state,
+      max_device_batch=b, micro_batch_unroll=0, accumulation="host",
+      weight_average=False)
   # What the trainer runs for a batch that needs no micro-batching.
   ours = compiler.compile_accumulation(b)["single"]
-  hyper = {k: jax.device_put(np.float32(v), replicated) for k, v in
-           dict(learning_rate=0.1, momentum=0.9, bn_decay=0.9).items()}
+  hyper = common.step_hyper(mesh, learning_rate=0.1)
 
   # Reference.
   ref_model = reference_model(config)

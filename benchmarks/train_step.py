@@ -14,78 +14,42 @@ side of micro-batching is timed too); each row runs one warm-up step, then
 a large B slower per example than the best B that needs none.
 """
 import argparse
-import ast
 import json
 import os
 import sys
-import time
-
-
-def load_config(config_path, overrides):
-  from ml_collections.config_flags import config_flags as cf
-  path, _, variant = config_path.partition(":")
-  config = cf._LoadConfigModule("bench_config", path).get_config(variant or None)
-  for item in overrides:
-    field, value = item.split("=", 1)
-    *parents, leaf = field.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
-  return config
 
 
 def measure(args):
-  import jax
   import numpy as np
 
   import models
+  from benchmarks import common
   from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
   from trainer import optimizer as optimizer_lib
 
-  config = load_config(args.config, args.set)
+  config = common.load_config(args.config, args.set)
   mesh = mesh_lib.make_mesh()
   model = models.create_model(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.01,
                                     momentum=0.9)
-  d = config.dataset
-  hyper = {k: jax.device_put(np.float32(v), mesh_lib.replicated(mesh))
-           for k, v in dict(learning_rate=0.01, momentum=0.9,
-                            bn_decay=0.9).items()}
+  hyper = common.step_hyper(mesh, learning_rate=0.01)
   rng = np.random.default_rng(0)
   rows = []
   device_batches = ([int(x) for x in args.max_device_batch.split(",")]
                     if args.max_device_batch else [config.max_device_batch])
   for accumulation in args.accumulation.split(","):
     for device_batch in device_batches:
-      state = loop.create_train_state(config, model, tx, mesh,
-                                      seed=0)
-      compiler = compile_lib.StepCompiler(
-          mesh=mesh, model=model, tx=tx,
-          abstract_state=compile_lib.abstract(state),
-          image_shape=(d.image_size, d.image_size, d.channels),
-          max_device_batch=device_batch,
-          ghost_batch_size=config.ghost_batch_size,
-          micro_batch_unroll=config.micro_batch_unroll,
-          accumulation=accumulation, on_compiled=lambda *a: None)
+      state = loop.create_train_state(config, model, tx, mesh, seed=0)
+      compiler = compile_lib.StepCompiler.for_config(
+          config, mesh=mesh, model=model, tx=tx, state=state,
+          max_device_batch=device_batch, accumulation=accumulation,
+          weight_average=False)
       for b in [int(x) for x in args.batch_sizes.split(",")]:
-        step = compiler.get(b)
-        batch = dict(
-            image=rng.normal(size=(b, d.image_size, d.image_size,
-                                   d.channels)).astype(np.float32),
-            label=rng.integers(0, d.num_classes, b).astype(np.int32))
-        state, m = step(state, batch, hyper)
-        jax.device_get(m)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-          state, m = step(state, batch, hyper)
-          jax.device_get(m)
-        seconds = (time.perf_counter() - start) / args.steps
+        state, seconds = common.seconds_per_step(
+            compiler.get(b), state, common.random_batch(rng, config.dataset, b),
+            hyper, args.steps)
         rows.append(dict(
             devices=mesh.size, accumulation=accumulation,
             max_device_batch=device_batch, batch_size=b,

@@ -165,6 +165,24 @@ class StepCompiler:
     self._pool = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="compile")
 
+  @classmethod
+  def for_config(cls, config, *, mesh, model, tx, state, **overrides):
+    """A compiler of the steps `config` trains with (image shape,
+    micro-batching, accumulation, weight averaging from the config), for
+    the sharded `state`; keyword arguments replace any of its settings."""
+    d = config.dataset
+    settings = dict(
+        image_shape=(d.image_size, d.image_size, d.channels),
+        max_device_batch=config.max_device_batch,
+        ghost_batch_size=config.ghost_batch_size,
+        micro_batch_unroll=config.micro_batch_unroll,
+        accumulation=config.accumulation,
+        weight_average=config.weight_average == "ema",
+        on_compiled=lambda *args: None)
+    settings.update(overrides)
+    return cls(mesh=mesh, model=model, tx=tx, abstract_state=abstract(state),
+               **settings)
+
   def _abstract_batch(self, batch_size):
     data = mesh_lib.batch_sharding(self._mesh)
     return dict(

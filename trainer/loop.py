@@ -173,17 +173,9 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
             f"seen) in {checkpoints.directory}", flush=True)
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
-  d = config.dataset
   start_step = int(state.step)
-  compiler = compile_lib.StepCompiler(
-      mesh=mesh, model=model, tx=tx,
-      abstract_state=compile_lib.abstract(state),
-      image_shape=(d.image_size, d.image_size, d.channels),
-      max_device_batch=config.max_device_batch,
-      ghost_batch_size=config.ghost_batch_size,
-      micro_batch_unroll=config.micro_batch_unroll,
-      accumulation=config.accumulation,
-      weight_average=config.weight_average == "ema",
+  compiler = compile_lib.StepCompiler.for_config(
+      config, mesh=mesh, model=model, tx=tx, state=state,
       program_cache=programs,
       on_compiled=functools.partial(_record_compile, writer, start_step,
                                     is_chief, config.accumulation))

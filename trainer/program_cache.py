@@ -89,6 +89,11 @@ def _environment() -> list[str]:
   ]
 
 
+def _error(e: Exception) -> str:
+  """"Type: first line of the message", for a one-line report."""
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 class ProgramCache:
   """Executables under `directory`, one file per description.
 
@@ -119,9 +124,8 @@ class ProgramCache:
       return serialize_executable.deserialize_and_load(
           payload, in_tree, out_tree, execution_devices=list(devices))
     except Exception as e:  # pylint: disable=broad-except
-      print(f"program cache: could not load {path} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); removed it, "
-            "compiling instead", flush=True)
+      print(f"program cache: could not load {path} ({_error(e)}); removed "
+            "it, compiling instead", flush=True)
       path.unlink(missing_ok=True)
       return None
 
@@ -136,5 +140,5 @@ class ProgramCache:
       partial.replace(path)  # Overwrites an entry that failed to load.
     except Exception as e:  # pylint: disable=broad-except
       # A cache that cannot be written costs the next launch a compile only.
-      print(f"program cache: could not store {path} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})", flush=True)
+      print(f"program cache: could not store {path} ({_error(e)})",
+            flush=True)

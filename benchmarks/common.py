@@ -1,0 +1,59 @@
+"""What the step benchmarks share: a config with overrides, random batches,
+the step's scalars, and timing the step as the trainer runs it."""
+from __future__ import annotations
+
+import ast
+import time
+
+
+def load_config(config_path, overrides):
+  """`config_path` ("file.py" or "file.py:variant") with FIELD=VALUE
+  `overrides` applied (values parsed as Python literals where they are)."""
+  from ml_collections.config_flags import config_flags as cf
+  path, _, variant = config_path.partition(":")
+  config = cf._LoadConfigModule("bench_config", path).get_config(variant or None)
+  for item in overrides:
+    field, value = item.split("=", 1)
+    *parents, leaf = field.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
+def random_batch(rng, dataset, batch_size: int) -> dict:
+  """A host batch of normal images and uniform labels shaped like `dataset`."""
+  import numpy as np
+  d = dataset
+  return dict(
+      image=rng.normal(size=(batch_size, d.image_size, d.image_size,
+                             d.channels)).astype(np.float32),
+      label=rng.integers(0, d.num_classes, batch_size).astype(np.int32))
+
+
+def step_hyper(mesh, learning_rate: float) -> dict:
+  """The step's scalars, replicated on `mesh` (momentum 0.9, BN decay 0.9)."""
+  import jax
+  import numpy as np
+
+  from trainer import mesh as mesh_lib
+  return {k: jax.device_put(np.float32(v), mesh_lib.replicated(mesh))
+          for k, v in dict(learning_rate=learning_rate, momentum=0.9,
+                           bn_decay=0.9).items()}
+
+
+def seconds_per_step(step, state, batch, hyper, steps: int):
+  """One untimed step, then the mean seconds of `steps` steps, each waited
+  for as the trainer's loop does; returns (state, seconds)."""
+  import jax
+  state, metrics = step(state, batch, hyper)
+  jax.device_get(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch, hyper)
+    jax.device_get(metrics)
+  return state, (time.perf_counter() - start) / steps
