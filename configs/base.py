@@ -66,6 +66,10 @@ def get_base_config() -> config_dict.ConfigDict:
       # start as the identity (small_resnet, resnet50; WRN is pre-activation).
       zero_init_residual=True,
       bn_epsilon=1e-5,  # 1e-3 in Keras' Inception-ResNet-V2.
+      # Batch norm variance as E[x²] - E[x]² in one pass over the
+      # activations (as Flax's BatchNorm), or as E[(x - E[x])²] after
+      # the mean, a second pass.
+      bn_fast_variance=True,
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))
   # Batch norm statistics are taken over groups of this many examples, in

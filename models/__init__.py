@@ -56,6 +56,7 @@ def create_model(config) -> nn.Module:
   common = dict(
       num_classes=config.dataset.num_classes,
       ghost_batch_size=config.ghost_batch_size, bn_epsilon=m.bn_epsilon,
+      bn_fast_variance=m.bn_fast_variance,
       dtype=DTYPES[m.dtype])
   if m.name == "inception_resnet_v2":
     return InceptionResNetV2(**common)

@@ -40,6 +40,10 @@ class GhostBatchNorm(nn.Module):
     dtype: dtype of the output; statistics are always computed in float32.
     epsilon: added to the variance before the square root.
     param_dtype: dtype of `scale` and `bias`.
+    fast_variance: the variance as E[x²] - E[x]², both means taken in the
+      same pass over the activations (Flax's BatchNorm does the same); else
+      as E[(x - E[x])²], a second pass after the mean, which loses nothing
+      to cancellation when |mean| >> std. Both are float32.
     scale_init: initialiser of `scale` (zeros for the last norm of a residual
       branch, so that each block starts as the identity).
   """
@@ -48,6 +52,7 @@ class GhostBatchNorm(nn.Module):
   dtype: Dtype
   epsilon: float
   param_dtype: Dtype = jnp.float32
+  fast_variance: bool = True
   scale_init: Initializer = nn.initializers.ones
 
   @nn.compact
@@ -79,7 +84,13 @@ class GhostBatchNorm(nn.Module):
     # Mean and biased variance per group and channel, over examples and space.
     axes = tuple(range(1, groups.ndim - 1))
     mean = jnp.mean(groups, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(groups - mean), axis=axes, keepdims=True)
+    if self.fast_variance:
+      # Clamped: rounding can take E[x²] - E[x]² a hair below zero.
+      var = jnp.maximum(
+          jnp.mean(jnp.square(groups), axis=axes, keepdims=True)
+          - jnp.square(mean), 0.0)
+    else:
+      var = jnp.mean(jnp.square(groups - mean), axis=axes, keepdims=True)
     y = self._affine(groups, mean, var, scale, bias).reshape(x.shape)
 
     if not self.is_initializing():

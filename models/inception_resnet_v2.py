@@ -86,11 +86,14 @@ class InceptionResNetV2(nn.Module):
     ghost_batch_size: examples per batch norm group in training.
     bn_epsilon: batch norm epsilon.
     dtype: compute dtype; parameters are float32, logits float32.
+    bn_fast_variance: batch norm variance in one pass (see
+      GhostBatchNorm.fast_variance).
   """
   num_classes: int
   ghost_batch_size: int
   bn_epsilon: float
   dtype: Dtype
+  bn_fast_variance: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -105,7 +108,7 @@ class InceptionResNetV2(nn.Module):
     norm = functools.partial(
         GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
         use_running_average=not train, dtype=self.dtype,
-        epsilon=self.bn_epsilon)
+        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance)
     cn = functools.partial(ConvNorm, conv=conv, norm=norm)
     block = functools.partial(InceptionResNetBlock, conv=conv, norm=norm)
     max_pool = functools.partial(nn.max_pool, window_shape=(3, 3),

@@ -98,6 +98,8 @@ class ResNet(nn.Module):
     bn_epsilon: batch norm epsilon.
     zero_init_residual: zero scale on the last norm of each residual branch.
     dtype: compute dtype; parameters are float32, logits float32.
+    bn_fast_variance: batch norm variance in one pass (see
+      GhostBatchNorm.fast_variance).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -108,6 +110,7 @@ class ResNet(nn.Module):
   bn_epsilon: float
   zero_init_residual: bool
   dtype: Dtype
+  bn_fast_variance: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -120,7 +123,7 @@ class ResNet(nn.Module):
     norm = functools.partial(
         GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
         use_running_average=not train, dtype=self.dtype,
-        epsilon=self.bn_epsilon)
+        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance)
 
     x = jnp.asarray(images, self.dtype)
     if self.stem == "imagenet":

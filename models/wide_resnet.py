@@ -61,6 +61,8 @@ class WideResNet(nn.Module):
     ghost_batch_size: examples per batch norm group in training.
     bn_epsilon: batch norm epsilon.
     dtype: compute dtype; parameters are float32, logits float32.
+    bn_fast_variance: batch norm variance in one pass (see
+      GhostBatchNorm.fast_variance).
   """
   depth: int
   widen_factor: int
@@ -69,6 +71,7 @@ class WideResNet(nn.Module):
   ghost_batch_size: int
   bn_epsilon: float
   dtype: Dtype
+  bn_fast_variance: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -80,7 +83,7 @@ class WideResNet(nn.Module):
     norm = functools.partial(
         GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
         use_running_average=not train, dtype=self.dtype,
-        epsilon=self.bn_epsilon)
+        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance)
 
     x = jnp.asarray(images, self.dtype)
     x = conv(self.width, (3, 3), padding=_PAD3, name="stem_conv")(x)

@@ -50,7 +50,8 @@ def random_variables(x, rng):
     (8, (8, 4, 4, 3)),  # One group: plain batch norm.
     (3, (9, 7)),  # No spatial axes.
 ])
-def test_training_matches_numpy(g, shape):
+@pytest.mark.parametrize("fast_variance", [True, False])
+def test_training_matches_numpy(g, shape, fast_variance):
   rng = np.random.default_rng(g)
   # Groups with different offsets and spreads, so a wrong grouping shows.
   x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0, (shape[0],) + (1,) *
@@ -59,7 +60,8 @@ def test_training_matches_numpy(g, shape):
   x = x.astype(np.float32)
   variables = random_variables(x, rng)
   module = GhostBatchNorm(ghost_batch_size=g, use_running_average=False,
-                          dtype=jnp.float32, epsilon=EPSILON)
+                          dtype=jnp.float32, epsilon=EPSILON,
+                          fast_variance=fast_variance)
   y, updates = module.apply(variables, x, mutable=["batch_stats"])
   want_y, want_mean, want_var = numpy_ghost_batch_norm(
       x, g, variables["params"]["scale"], variables["params"]["bias"], EPSILON)
@@ -69,6 +71,19 @@ def test_training_matches_numpy(g, shape):
   assert stats["mean"].dtype == stats["var"].dtype == jnp.float32
   np.testing.assert_allclose(stats["mean"], want_mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats["var"], want_var, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_variance_of_a_constant_group_is_not_negative():
+  """E[x²] - E[x]² of a constant group of 1000.1 rounds to -0.81 in float32;
+  the clamp keeps var + epsilon positive, so the output is finite."""
+  x = np.full((4, 5, 5, 2), 1000.1, np.float32)
+  variables = random_variables(x, np.random.default_rng(0))
+  module = GhostBatchNorm(ghost_batch_size=2, use_running_average=False,
+                          dtype=jnp.float32, epsilon=EPSILON)
+  y, updates = module.apply(variables, x, mutable=["batch_stats"])
+  np.testing.assert_array_equal(updates["batch_stats"]["var"], 0.0)
+  # Unclamped, rsqrt(-0.81 + epsilon) would make every output NaN.
+  assert np.isfinite(y).all()
 
 
 def test_micro_batches_average_to_the_full_batch():

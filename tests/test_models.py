@@ -3,6 +3,7 @@
 Full-size models are only traced (`jax.eval_shape`); the one real forward is
 the small ResNet on Fashion-MNIST-sized images.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,3 +195,22 @@ def test_bad_ghost_batch_size_is_rejected(ghost_batch_size):
   config.ghost_batch_size = ghost_batch_size
   with pytest.raises(ValueError, match="ghost_batch_size must be a positive"):
     models.create_model(config)
+
+
+@pytest.mark.parametrize("name,image_shape", [
+    ("small_resnet", (28, 28, 1)), ("wide_resnet", (32, 32, 3)),
+    ("resnet50", (64, 64, 3)), ("inception_resnet_v2", (75, 75, 3))])
+@pytest.mark.parametrize("fast_variance", [True, False])
+def test_bn_fast_variance_reaches_every_norm(name, image_shape, fast_variance):
+  model = models.create_model(
+      make_config(name, bn_fast_variance=fast_variance))
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, models.GhostBatchNorm):
+      seen.append(context.module.fast_variance)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    shapes(model, image_shape)
+  assert seen and set(seen) == {fast_variance}
