@@ -30,8 +30,8 @@ def random_batch(rng, dataset, batch_size: int) -> dict:
   import numpy as np
   d = dataset
   return dict(
-      image=rng.normal(size=(batch_size, d.image_size, d.image_size,
-                             d.channels)).astype(np.float32),
+      image=rng.standard_normal(
+          (batch_size, d.image_size, d.image_size, d.channels), np.float32),
       label=rng.integers(0, d.num_classes, batch_size).astype(np.int32))
 
 

@@ -5,15 +5,20 @@
 
 Doubles the batch of the trainer's step (host accumulation, one
 micro-batch, on a mesh of the first device alone) from `--start` until
-compiling or running it fails for lack of memory, or `--limit` is reached;
-prints each size's examples/s and the largest that ran. `max_device_batch`
-at or below that size lets gradient accumulation run any stage's batch.
+compiling or running it fails for lack of memory, or `--limit` is reached,
+then bisects `--refine` times between the largest size that ran and the
+first that did not (in multiples of the ghost batch). Prints each size's
+examples/s and XLA's estimate of the step's device memory (arguments +
+outputs + temporaries - donated), and the largest size that ran.
+`max_device_batch` at or below it lets gradient accumulation run any
+stage's batch. `--time_limit` stops before a size that would start past it.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +38,10 @@ def main():
   p.add_argument("--start", type=int, default=32)
   p.add_argument("--limit", type=int, default=4096)
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--refine", type=int, default=1,
+                 help="bisection steps after the first size that fails")
+  p.add_argument("--time_limit", type=float, default=float("inf"),
+                 help="seconds after which no new size is started")
   a = p.parse_args()
 
   import jax
@@ -55,11 +64,15 @@ def main():
                                     momentum=0.9)
   hyper = common.step_hyper(mesh, learning_rate=0.1)
   rng = np.random.default_rng(0)
+  device = jax.devices()[0]
+  limit = (device.memory_stats() or {}).get("bytes_limit")
   print(f"{config.model.name} {a.image_size} px {a.dtype} on "
-        f"{jax.devices()[0].device_kind}")
-  print(f"{'B':>6} {'ms/step':>9} {'ex/s':>9}")
-  largest, b = None, a.start
-  while b <= a.limit:
+        f"{device.device_kind}"
+        + (f", {limit / 2**30:.1f} GiB for arrays" if limit else ""))
+  print(f"{'B':>6} {'ms/step':>9} {'ex/s':>9} {'GiB (XLA)':>10}")
+
+  def fits(b) -> bool:
+    """Runs `--steps` steps of batch `b`; False if it runs out of memory."""
     try:
       state = loop.create_train_state(config, model, tx, mesh, seed=0)
       compiler = compile_lib.StepCompiler.for_config(
@@ -67,20 +80,48 @@ def main():
           max_device_batch=b, micro_batch_unroll=0, accumulation="host",
           weight_average=False)
       step = compiler.get(b)
+      compiler.close()
+      gib = step_gib(step.compiled)
       state, seconds = common.seconds_per_step(
           step, state, common.random_batch(rng, config.dataset, b), hyper,
           a.steps)
-      compiler.close()
     except Exception as e:  # pylint: disable=broad-except
       if not out_of_memory(e):
         raise
-      print(f"{b:>6} out of memory ({str(e).splitlines()[0][:100]})")
+      print(f"{b:>6} out of memory ({str(e).splitlines()[0][:100]})",
+            flush=True)
+      return False
+    print(f"{b:>6} {1000 * seconds:>9.1f} {b / seconds:>9.1f} {gib:>10.2f}",
+          flush=True)
+    return True
+
+  start = time.perf_counter()
+  largest, failed, b = None, None, a.start
+  while b <= a.limit and time.perf_counter() - start < a.time_limit:
+    if not fits(b):
+      failed = b
       break
-    print(f"{b:>6} {1000 * seconds:>9.1f} {b / seconds:>9.1f}", flush=True)
-    largest = b
-    del state, compiler, step
-    b *= 2
-  print(f"largest per-device batch that ran: {largest}")
+    largest, b = b, 2 * b
+  g = a.ghost_batch_size
+  for _ in range(a.refine if largest and failed else 0):
+    b = (largest + failed) // 2 // g * g
+    if b <= largest or time.perf_counter() - start >= a.time_limit:
+      break
+    if fits(b):
+      largest = b
+    else:
+      failed = b
+  print(f"largest per-device batch that ran: {largest}"
+        + (f" (first that did not: {failed})" if failed else ""))
+
+
+def step_gib(compiled) -> float:
+  """XLA's estimate of the device memory a compiled step needs, in GiB."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  return (m.argument_size_in_bytes + m.output_size_in_bytes
+          + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**30
 
 
 if __name__ == "__main__":

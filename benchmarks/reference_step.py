@@ -23,8 +23,10 @@ statistics at a per-example rate, momentum and ε as runtime scalars, the
 noise-scale norms. Both get the same random batch, already on the devices.
 
 FLOPs per step come from XLA's cost analysis of the unpartitioned step
-(`Lowered.cost_analysis()`); the peak is measured in the same run as the
-best of a few float32 matmuls sharded over the same devices (one per device),
+(`Lowered.cost_analysis()`; a GPU backend has none, and the compiled GPU
+program's analysis leaves out the cuDNN convolutions, so there a CPU child
+process counts the same step); the peak is measured in the same run as the
+best of a few `--dtype` matmuls sharded over the same devices (one per device),
 so MFU = achieved FLOP/s / measured matmul FLOP/s on this machine.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ import os
 import sys
 import time
 
+BN_VARIANCES = ("one_pass", "two_pass")  # model.bn_fast_variance true, false
 MODELS = {
     # name: (config file, overrides)
     "resnet50": ("configs/imagenet_resnet50.py",
@@ -117,7 +120,10 @@ def load(name, args):
   return config
 
 
-def measure(name, args):
+def build(name, args, compile_steps: bool = True) -> dict:
+  """Ours (one per --bn_variance) and the reference for model `name`, their
+  states, a random batch on the devices and the step scalars; the steps are
+  compiled only if `compile_steps`."""
   import flax
   import jax
   import jax.numpy as jnp
@@ -130,7 +136,6 @@ def measure(name, args):
   from trainer import loop
   from trainer import mesh as mesh_lib
   from trainer import optimizer as optimizer_lib
-  from trainer import step as step_lib
 
   config = load(name, args)
   mesh = mesh_lib.make_mesh()
@@ -140,19 +145,28 @@ def measure(name, args):
       common.random_batch(np.random.default_rng(0), d, b), mesh)
   abstract = compile_lib.abstract
 
-  # Ours.
-  model = models.create_model(config)
-  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                    momentum=0.9)
-  ours_state = loop.create_train_state(config, model, tx, mesh,
-                                       seed=0)
-  compiler = compile_lib.StepCompiler.for_config(
-      config, mesh=mesh, model=model, tx=tx, state=ours_state,
-      max_device_batch=b, micro_batch_unroll=0, accumulation="host",
-      weight_average=False)
-  # What the trainer runs for a batch that needs no micro-batching.
-  ours = compiler.compile_accumulation(b)["single"]
-  hyper = common.step_hyper(mesh, learning_rate=0.1)
+  # Ours, once per batch norm variance asked for.
+  ours = {}  # trainer name: (config, model, tx, compiled step, state)
+  for variance in args.bn_variance.split(","):
+    if variance not in BN_VARIANCES:
+      raise SystemExit(f"unknown --bn_variance {variance!r}; choose from "
+                       f"{', '.join(BN_VARIANCES)}")
+    config.model.bn_fast_variance = variance == "one_pass"
+    model = models.create_model(config)
+    tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                      momentum=0.9)
+    state = loop.create_train_state(config, model, tx, mesh, seed=0)
+    step = None
+    if compile_steps:
+      compiler = compile_lib.StepCompiler.for_config(
+          config, mesh=mesh, model=model, tx=tx, state=state,
+          max_device_batch=b, micro_batch_unroll=0, accumulation="host",
+          weight_average=False)
+      # What the trainer runs for a batch that needs no micro-batching.
+      step = compiler.compile_accumulation(b)["single"]
+      compiler.close()
+    who = "ours" if "," not in args.bn_variance else f"ours/{variance}"
+    ours[who] = (config.copy_and_resolve_references(), model, tx, step, state)
 
   # Reference.
   ref_model = reference_model(config)
@@ -186,19 +200,50 @@ def measure(name, args):
     return RefState(optax.apply_updates(state.params, updates), stats,
                     opt_state), loss
 
-  ref_state = jax.jit(ref_init, out_shardings=replicated)(
-      jax.random.PRNGKey(0))
+  ref_init = jax.jit(ref_init, out_shardings=replicated)
   ref_jit = jax.jit(ref_step, in_shardings=(replicated, data),
                     out_shardings=(replicated, replicated), donate_argnums=0)
-  ref = ref_jit.lower(abstract(ref_state), abstract(batch)).compile()
+  ref_state = ref_init(jax.random.PRNGKey(0))
+  ref = (ref_jit.lower(abstract(ref_state), abstract(batch)).compile()
+         if compile_steps else None)
+  return dict(config=config, mesh=mesh, batch=batch,
+              hyper=common.step_hyper(mesh, learning_rate=0.1), ours=ours,
+              ref=ref, ref_jit=ref_jit, ref_init=ref_init, ref_state=ref_state)
 
-  # FLOPs of one step, before partitioning (the whole global batch).
-  ours_lowered = jax.jit(functools.partial(
-      step_lib.train_step, model=model, tx=tx, num_devices=mesh.size)).lower(
-          abstract(ours_state), abstract(batch), abstract(hyper))
-  flops = dict(ours=_flops(ours_lowered),
-               reference=_flops(ref_jit.lower(abstract(ref_state),
-                                              abstract(batch))))
+
+def count_flops(built) -> dict:
+  """{trainer: FLOPs of one step} of `build`'s steps, from XLA's cost
+  analysis of the unpartitioned step (the whole global batch); None for
+  each on a backend with no analysis before compiling (GPU: `main` then
+  counts them on the CPU, where the same program has the same FLOPs)."""
+  import functools
+  import jax
+
+  from trainer import compile as compile_lib
+  from trainer import step as step_lib
+
+  abstract, batch = compile_lib.abstract, built["batch"]
+  lowered = dict(reference=built["ref_jit"].lower(
+      abstract(built["ref_state"]), abstract(batch)))
+  for who, (_, model, tx, _, state) in built["ours"].items():
+    lowered[who] = jax.jit(functools.partial(
+        step_lib.train_step, model=model, tx=tx,
+        num_devices=built["mesh"].size)).lower(
+            abstract(state), abstract(batch), abstract(built["hyper"]))
+  return {who: _flops(x) for who, x in lowered.items()}
+
+
+def measure(name, args):
+  import jax
+  import numpy as np
+
+  from trainer import loop
+
+  built = build(name, args)
+  flops = count_flops(built)
+  mesh, batch, hyper, ours = (built[k] for k in ("mesh", "batch", "hyper",
+                                                 "ours"))
+  ref, ref_state = built["ref"], built["ref_state"]
 
   def timed(fn, state, *rest):
     state, out = fn(state, *rest)
@@ -211,33 +256,33 @@ def measure(name, args):
       times.append(time.perf_counter() - start)
     return float(np.median(times))
 
-  # Interleave the two so that a noisy neighbour hits both alike.
-  seconds = dict(ours=[], reference=[])
+  # Interleave them so that a noisy neighbour hits all alike.
+  seconds = {who: [] for who in (*ours, "reference")}
   for _ in range(args.rounds):
-    seconds["ours"].append(timed(ours, ours_state, batch, hyper))
-    ours_state = loop.create_train_state(config, model, tx, mesh,
-                                         seed=0)
+    for who, (cfg, model, tx, step, state) in ours.items():
+      seconds[who].append(timed(step, state, batch, hyper))
+      # The step donated the state: a fresh one for the next round.
+      state = loop.create_train_state(cfg, model, tx, mesh, seed=0)
+      ours[who] = (cfg, model, tx, step, state)
     seconds["reference"].append(timed(ref, ref_state, batch))
-    ref_state = jax.jit(ref_init, out_shardings=replicated)(
-        jax.random.PRNGKey(0))
-  compiler.close()
+    ref_state = built["ref_init"](jax.random.PRNGKey(0))
+  config, b = built["config"], args.batch_size
   peak = matmul_peak(mesh, config.model.dtype, args.peak_size)
   rows = []
-  for who in ("ours", "reference"):
+  for who in seconds:
     s = float(np.median(seconds[who]))
     rows.append(dict(model=name, trainer=who, devices=mesh.size,
-                     image_size=d.image_size, batch_size=b,
+                     image_size=config.dataset.image_size, batch_size=b,
                      step_seconds=s, examples_per_second=b / s,
-                     step_flops=flops[who], mfu=flops[who] / s / peak,
-                     peak_flops=peak))
+                     step_flops=flops[who], peak_flops=peak))
   return rows
 
 
-def _flops(lowered) -> float:
+def _flops(lowered) -> float | None:
   cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
-  return float(cost["flops"])
+  return None if cost is None else float(cost["flops"])
 
 
 def matmul_peak(mesh, dtype="float32", n=1024, repeats=5) -> float:
@@ -247,7 +292,9 @@ def matmul_peak(mesh, dtype="float32", n=1024, repeats=5) -> float:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   sharding = NamedSharding(mesh, P("data"))
-  x = jax.device_put(jnp.ones((mesh.size, n, n), dtype), sharding)
+  # Random operands: a GPU multiplies constant ones or zeros faster.
+  x = jax.jit(lambda key: jax.random.normal(key, (mesh.size, n, n), dtype),
+              out_shardings=sharding)(jax.random.PRNGKey(0))
   f = jax.jit(lambda a: jnp.einsum("dij,djk->dik", a, a),
               out_shardings=sharding)
   jax.block_until_ready(f(x))
@@ -272,30 +319,45 @@ def main():
   p.add_argument("--peak_size", type=int, default=1024,
                  help="n of the n x n matmul that measures the peak (8192 "
                       "on a GPU)")
+  p.add_argument("--bn_variance", default="one_pass",
+                 help="ghost batch norm variance of ours: one_pass, two_pass "
+                      "or both (comma-separated), each a row")
   p.add_argument("--devices", default="8")
   p.add_argument("--steps", type=int, default=3, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=2,
                  help="alternating rounds of ours and the reference")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
+  p.add_argument("--flops_child", default="", help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.child:
     print(json.dumps(measure(a.child, a)))
+    return
+  if a.flops_child:
+    print(json.dumps(count_flops(build(a.flops_child, a,
+                                       compile_steps=False))))
     return
   from benchmarks import child
   rows = []
   for name in a.models.split(","):
     if name not in MODELS:
       sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    rows += child.run(__file__, f"--child={name}", a.devices, name)
-  print(f"{'model':>9} {'trainer':>9} {'px':>4} {'B':>5} {'ms/step':>8} "
+    measured = child.run(__file__, f"--child={name}", a.devices, name)
+    if any(r["step_flops"] is None for r in measured):
+      flops = child.run(__file__, f"--flops_child={name}", a.devices,
+                        f"{name} (FLOPs on the CPU)", platforms="cpu")
+      for r in measured:
+        r["step_flops"] = flops[r["trainer"]]
+    rows += measured
+  print(f"{'model':>9} {'trainer':>13} {'px':>4} {'B':>5} {'ms/step':>8} "
         f"{'ex/s':>7} {'GFLOP/step':>10} {'MFU':>6} {'vs ref':>6}")
   for r in rows:
     ref = next(x for x in rows if x["model"] == r["model"]
                and x["trainer"] == "reference")
-    print(f"{r['model']:>9} {r['trainer']:>9} {r['image_size']:>4} "
+    mfu = r["step_flops"] / r["step_seconds"] / r["peak_flops"]
+    print(f"{r['model']:>9} {r['trainer']:>13} {r['image_size']:>4} "
           f"{r['batch_size']:>5} {1000 * r['step_seconds']:>8.1f} "
           f"{r['examples_per_second']:>7.1f} {r['step_flops'] / 1e9:>10.2f} "
-          f"{r['mfu']:>6.1%} "
+          f"{mfu:>6.1%} "
           f"{r['examples_per_second'] / ref['examples_per_second']:>6.2f}")
   print(f"peak: {rows[0]['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul over "
         f"{rows[0]['devices']} devices")
