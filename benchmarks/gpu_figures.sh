@@ -1,7 +1,8 @@
 #!/bin/bash
 # The performance figures that need a GPU, in one command (one lease):
 #   1. ResNet-50, bf16, 224 px, B=256: ours (both ghost batch norm variance
-#      passes) against the Flax-ImageNet-style reference, examples/s, MFU.
+#      passes) against the Flax-ImageNet-style reference, examples/s, MFU,
+#      and each step's device time per kind of operation (profiler trace).
 #   2. The largest per-device batch of that step that fits.
 #   3. Stage switches and second-launch compile time of the smoke config.
 # Each part has its own time limit and writes its output to $OUT (default
@@ -13,14 +14,14 @@
 # Python packages the GPU image may lack (ml-collections, tensorboardX) are
 # installed from wheels in .whl/ when that folder exists.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-gpu_figures}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 PY=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -28,7 +29,7 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm \
       --format=csv 2>&1
-  $PY -c 'import jax, flax, optax, orbax.checkpoint as o, numpy
+  "$PY" -c 'import jax, flax, optax, orbax.checkpoint as o, numpy
 print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1
 } | tee "$OUT/versions.txt"
@@ -40,18 +41,19 @@ part() {  # Whether part $1 was asked for; prints its heading if so.
 }
 
 part reference_step &&
-timeout 220 $PY benchmarks/reference_step.py --models=resnet50 \
+timeout 220 "$PY" benchmarks/reference_step.py --models=resnet50 \
     --image_size=224 --batch_size=256 --ghost_batch_size=32 \
     --dtype=bfloat16 --peak_size=8192 --bn_variance=one_pass,two_pass \
-    --steps=10 --rounds=2 2>&1 | tee "$OUT/reference_step.txt"
+    --steps=10 --rounds=2 --profile_steps=3 2>&1 \
+    | tee "$OUT/reference_step.txt"
 
 part max_device_batch &&
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 150 $PY \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 150 "$PY" \
     benchmarks/max_device_batch.py --start=1024 --limit=4096 --refine=2 \
     --time_limit=90 2>&1 | tee "$OUT/max_device_batch.txt"
 
 part stage_switch &&
-timeout 100 $PY benchmarks/stage_switch.py --accumulation=host \
+timeout 100 "$PY" benchmarks/stage_switch.py --accumulation=host \
     --program_cache=true --set dataset.source=synthetic 2>&1 \
     | tee "$OUT/stage_switch.txt"
 exit 0  # A skipped or failed part leaves the others' figures.

@@ -14,10 +14,7 @@ what to read. `--trace_dir` keeps the trace for TensorBoard or Perfetto.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import os
-import re
 import sys
 import tempfile
 import time
@@ -27,37 +24,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# XLA operation events are named like "ynn_fusion.21" or "all-reduce.50";
-# runtime bookkeeping ("ThunkExecutor::Execute", "Wait: ...") and Python
-# frames ("$api.py:...") are not operations.
-_OP = re.compile(r"^[a-z][a-z0-9_\-]*(\.\d+)?$")
-CATEGORIES = (  # First match wins.
-    ("YNNPACK library fusion (conv, dot)", re.compile(r"^ynn_fusion")),
-    ("convolution (XLA)", re.compile(r"conv")),
-    ("all-reduce", re.compile(r"all-reduce")),
-    ("transpose / copy", re.compile(r"transpose|copy")),
-    ("reduction", re.compile(r"reduce")),
-    ("other fusion / elementwise", re.compile(r".")),
-)
-
-
-def category(name: str) -> str:
-  return next(label for label, pattern in CATEGORIES if pattern.search(name))
-
-
-def op_milliseconds(trace_dir: str) -> dict[str, float]:
-  """Milliseconds per operation category in the trace under `trace_dir`."""
-  from jax import profiler
-  (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
-                      recursive=True)
-  totals = collections.Counter()
-  for plane in profiler.ProfileData.from_file(path).planes:
-    for line in plane.lines:
-      for event in line.events:
-        if _OP.match(event.name):
-          totals[category(event.name)] += event.duration_ns / 1e6
-  return totals
 
 
 def main():
@@ -78,6 +44,7 @@ def main():
 
   import models
   from benchmarks import common
+  from benchmarks import trace_ops
   from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
@@ -106,8 +73,9 @@ def main():
         state, metrics = step(state, batch, hyper)
         jax.device_get(metrics)
     wall = (time.perf_counter() - start) / steps
-    phases[phase] = (wall, {k: v / steps
-                            for k, v in op_milliseconds(directory).items()})
+    phases[phase] = (wall, {
+        k: v / steps for k, v in trace_ops.by_category(
+            trace_ops.op_milliseconds(directory)).items()})
   compiler.close()
 
   print(f"{a.config} B={b} on {mesh.size} devices, {config.accumulation} "
@@ -117,7 +85,7 @@ def main():
   total = sum(steady.values())
   print(f"{'operations':<36} {'first ms':>9} {'steady ms':>9} "
         f"{'share':>6} {'first/steady':>12}")
-  for label, _ in CATEGORIES:
+  for label, _ in trace_ops.CATEGORIES:
     f, s = first.get(label, 0.0), steady.get(label, 0.0)
     ratio = f"{f / s:12.2f}" if s else f"{'-':>12}"
     print(f"{label:<36} {f:9.1f} {s:9.1f} {s / total:6.1%} {ratio}")

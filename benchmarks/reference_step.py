@@ -266,6 +266,14 @@ def measure(name, args):
       ours[who] = (cfg, model, tx, step, state)
     seconds["reference"].append(timed(ref, ref_state, batch))
     ref_state = built["ref_init"](jax.random.PRNGKey(0))
+  ops = {}
+  if args.profile_steps:
+    from benchmarks import trace_ops
+    for who, (cfg, model, tx, step, state) in ours.items():
+      ops[who] = trace_ops.trace(_Runner(step, state, batch, hyper),
+                                 args.profile_steps)
+    ops["reference"] = trace_ops.trace(_Runner(ref, ref_state, batch),
+                                       args.profile_steps)
   config, b = built["config"], args.batch_size
   peak = matmul_peak(mesh, config.model.dtype, args.peak_size)
   rows = []
@@ -274,8 +282,21 @@ def measure(name, args):
     rows.append(dict(model=name, trainer=who, devices=mesh.size,
                      image_size=config.dataset.image_size, batch_size=b,
                      step_seconds=s, examples_per_second=b / s,
-                     step_flops=flops[who], peak_flops=peak))
+                     step_flops=flops[who], peak_flops=peak,
+                     ops=ops.get(who)))
   return rows
+
+
+class _Runner:
+  """Calls a donating step on its own state, waiting for each result."""
+
+  def __init__(self, step, state, *rest):
+    self.step, self.state, self.rest = step, state, rest
+
+  def __call__(self):
+    import jax
+    self.state, out = self.step(self.state, *self.rest)
+    jax.block_until_ready(out)
 
 
 def _flops(lowered) -> float | None:
@@ -322,6 +343,11 @@ def main():
   p.add_argument("--bn_variance", default="one_pass",
                  help="ghost batch norm variance of ours: one_pass, two_pass "
                       "or both (comma-separated), each a row")
+  p.add_argument("--profile_steps", type=int, default=0,
+                 help="after timing, trace this many steps of each trainer "
+                      "and print device time per kind of operation")
+  p.add_argument("--top_ops", type=int, default=12,
+                 help="operations listed per trainer with --profile_steps")
   p.add_argument("--devices", default="8")
   p.add_argument("--steps", type=int, default=3, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=2,
@@ -361,6 +387,28 @@ def main():
           f"{r['examples_per_second'] / ref['examples_per_second']:>6.2f}")
   print(f"peak: {rows[0]['peak_flops'] / 1e9:.1f} GFLOP/s {a.dtype} matmul over "
         f"{rows[0]['devices']} devices")
+  if a.profile_steps:
+    print_profiles(rows, a.top_ops)
+
+
+def print_profiles(rows, top: int):
+  """Per model: device ms per step by kind of operation, one column per
+  trainer, then each trainer's `top` operations."""
+  from benchmarks import trace_ops
+  for model in dict.fromkeys(r["model"] for r in rows):
+    mine = [r for r in rows if r["model"] == model]
+    kinds = {r["trainer"]: trace_ops.by_category(r["ops"]) for r in mine}
+    print(f"\n{model}: device ms per step (profiler trace)")
+    print(f"{'operations':<36}" + "".join(f" {r['trainer']:>13}" for r in mine))
+    for label, _ in (*trace_ops.CATEGORIES, ("total", None)):
+      values = [sum(kinds[r["trainer"]].values()) if label == "total"
+                else kinds[r["trainer"]].get(label, 0.0) for r in mine]
+      if any(values):
+        print(f"{label:<36}" + "".join(f" {v:13.2f}" for v in values))
+    for r in mine:
+      print(f"{r['trainer']}: top {top} operations, ms per step")
+      for op, ms in sorted(r["ops"].items(), key=lambda x: -x[1])[:top]:
+        print(f"  {ms:9.3f}  {op[:100]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The benchmarks' own helpers: trace parsing and the GPU script."""
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import trace_ops
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name,want", [
+    ("ynn_fusion.21", "YNNPACK library fusion (conv, dot)"),
+    ("cudnn-conv-bw-filter.3", "convolution"),
+    ("sm90_xmma_wgrad_implicit_gemm_bf16", "convolution"),
+    ("cublas-gemm.7", "matmul"),
+    ("dot.4", "matmul"),
+    ("all-reduce-start.2", "all-reduce"),
+    ("ncclDevKernel_AllReduce_Sum_f32", "all-reduce"),
+    ("transpose_copy_fusion.22", "transpose / copy"),
+    ("input_reduce_fusion_2", "reduction"),
+    ("loop_multiply_fusion", "other fusion / elementwise"),
+])
+def test_operation_categories(name, want):
+  assert trace_ops.category(name) == want
+
+
+def test_trace_times_the_operations_of_a_jitted_function():
+  f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(128, 128)),
+                  jnp.float32)
+  jax.block_until_ready(f(x))
+  ops = trace_ops.trace(lambda: jax.block_until_ready(f(x)), steps=2)
+  assert ops and all(ms > 0 for ms in ops.values())
+  # Python frames and runtime bookkeeping are not operations.
+  assert not any(name.startswith("$") or "::" in name for name in ops)
+  kinds = trace_ops.by_category(ops)
+  assert sum(kinds.values()) == pytest.approx(sum(ops.values()))
+
+
+def test_gpu_figures_script_passes_shellcheck():
+  shellcheck = shutil.which("shellcheck")
+  if shellcheck is None:
+    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+  r = subprocess.run([shellcheck, str(ROOT / "benchmarks/gpu_figures.sh")],
+                     capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stdout
