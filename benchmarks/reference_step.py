@@ -3,9 +3,11 @@ batch, same mesh; plus model-FLOPs utilisation.
 
     python benchmarks/reference_step.py [--models=resnet50,small] \
         [--image_size=64] [--batch_size=64] [--devices=8] [--steps=5] \
-        [--dtype=float32] [--peak_size=1024]
+        [--dtype=float32] [--peak_size=1024] \
+        [--bn_variance=one_pass,two_pass] [--profile_steps=3]
 
-On one GPU, the figure the performance issue asks for (bf16, 224 px):
+On one GPU, the figure the performance issue asks for (bf16, 224 px;
+`benchmarks/gpu_figures.sh` runs it with both variances and a profile):
 
     JAX_PLATFORMS=cuda python benchmarks/reference_step.py --models=resnet50 \
         --image_size=224 --batch_size=256 --ghost_batch_size=32 \
