@@ -26,12 +26,13 @@ def load_config(config_path, overrides):
 
 
 def random_batch(rng, dataset, batch_size: int) -> dict:
-  """A host batch of normal images and uniform labels shaped like `dataset`."""
+  """A host batch of uniform uint8 pixels and labels shaped like `dataset`
+  (the input pipeline's batches hold uint8 pixels)."""
   import numpy as np
   d = dataset
   return dict(
-      image=rng.standard_normal(
-          (batch_size, d.image_size, d.image_size, d.channels), np.float32),
+      image=rng.integers(0, 256, (batch_size, d.image_size, d.image_size,
+                                  d.channels), dtype=np.uint8),
       label=rng.integers(0, d.num_classes, batch_size).astype(np.int32))
 
 

@@ -5,6 +5,8 @@
 #      and each step's device time per kind of operation (profiler trace).
 #   2. The largest per-device batch of that step that fits.
 #   3. Stage switches and second-launch compile time of the smoke config.
+#   4. An ImageNet batch put as float32 normalised on the host against uint8
+#      normalised on the device.
 # Each part has its own time limit and writes its output to $OUT (default
 # ./gpu_figures), so a slow or failing part leaves the others' figures.
 #
@@ -34,7 +36,7 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1
 } | tee "$OUT/versions.txt"
 
-PARTS=${PARTS:-reference_step max_device_batch stage_switch}
+PARTS=${PARTS:-reference_step max_device_batch stage_switch batch_transfer}
 part() {  # Whether part $1 was asked for; prints its heading if so.
   [[ " $PARTS " == *" $1 "* ]] || return 1
   echo "== $1"
@@ -56,4 +58,9 @@ part stage_switch &&
 timeout 100 "$PY" benchmarks/stage_switch.py --accumulation=host \
     --program_cache=true --set dataset.source=synthetic 2>&1 \
     | tee "$OUT/stage_switch.txt"
+
+part batch_transfer &&
+timeout 60 "$PY" benchmarks/batch_transfer.py --repeats=20 2>&1 \
+    | tee "$OUT/batch_transfer.txt"
+
 exit 0  # A skipped or failed part leaves the others' figures.

@@ -22,7 +22,8 @@ state donated. Ours is the step `trainer/compile.py` compiles for the same
 config and batch (host accumulation, one micro-batch: per-device gradients
 in a shard_map, then the all-reduce and update): ghost batch norm, running
 statistics at a per-example rate, momentum and ε as runtime scalars, the
-noise-scale norms. Both get the same random batch, already on the devices.
+noise-scale norms. Both get the same random batch of uint8 pixels, already
+on the devices, and normalise it as their first operation.
 
 FLOPs per step come from XLA's cost analysis of the unpartitioned step
 (`Lowered.cost_analysis()`; a GPU backend has none, and the compiled GPU
@@ -53,6 +54,8 @@ def reference_model(config):
   """ResNet v1.5 with plain batch norm, shaped like `models.create_model`."""
   import flax.linen as nn
   import jax.numpy as jnp
+
+  from models.pixels import model_input
 
   m = config.model
   bottleneck = m.name == "resnet50"
@@ -86,6 +89,9 @@ def reference_model(config):
 
     @nn.compact
     def __call__(self, x, train):
+      # uint8 pixels normalised on the device, as ours (models/pixels.py).
+      x = model_input(x, tuple(config.dataset.mean),
+                      tuple(config.dataset.std), dtype)
       if bottleneck:
         x = nn.Conv(m.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
                     dtype=dtype,

@@ -1,4 +1,5 @@
-"""Augmentation and normalisation, from `config.dataset`.
+"""Augmentation, from `config.dataset` (normalisation is the model's first
+operation on the devices: models/pixels.py).
 
 `augment` names the recipe:
 
@@ -100,22 +101,6 @@ def eval_images(d, images: list[np.ndarray]) -> np.ndarray:
     top, left = (h - side) / 2, (w - side) / 2
     out[k] = _resize(image, (left, top, left + side, top + side), d.image_size)
   return out
-
-
-def normalizer(d):
-  """A function writing (pixels/255 - mean)/std into a float32 array."""
-  std = np.asarray(d.std, np.float32)
-  scale = 1 / (255 * std)
-  bias = -np.asarray(d.mean, np.float32) / std
-  def normalize(images: np.ndarray, out: np.ndarray) -> None:
-    flat = out.reshape(len(out), -1)
-    np.copyto(flat, images.reshape(len(images), -1))
-    # Per-channel factors tiled over a whole image: numpy then runs one long
-    # inner loop per image, not one of length C per pixel (6x faster).
-    pixels = flat.shape[1] // len(scale)
-    flat *= np.tile(scale, pixels)
-    flat += np.tile(bias, pixels)
-  return normalize
 
 
 def _pad_crop_flip(batch, draws, padding: int, random_flip: bool):

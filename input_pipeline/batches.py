@@ -9,6 +9,9 @@ worker count, or on where the run was resumed.
 Eval: the whole split in its stored order, cut into global batches; the last
 one is padded with zero images whose `mask` is 0, so every example is scored
 exactly once and no batch shape is new to the compiled step.
+
+Images travel as uint8 pixels, a quarter of the bytes of float32 to copy to
+the devices; the model normalises them there (models/pixels.py).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from input_pipeline import order
 from input_pipeline import prefetch
 from input_pipeline import sources
 from input_pipeline.errors import DataError
+
+IMAGE_DTYPE = np.uint8  # Of the batches' `image`.
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -44,14 +49,13 @@ def _chunks(num_rows: int, num_workers: int) -> list[tuple[int, int]]:
 
 
 class _Reader:
-  """Reads, augments and normalises rows of a batch into given arrays."""
+  """Reads and augments rows of a batch into given arrays."""
 
   def __init__(self, config, source: sources.Source, train: bool):
     self.d = config.dataset
     self.seed = config.seed
     self.source = source
     self.train = train
-    self.normalize = augment.normalizer(self.d)
     self.fetch(0)  # Fail now, not in a worker, on a wrong image shape.
 
   def fetch(self, index: int) -> tuple[np.ndarray, int]:
@@ -86,13 +90,14 @@ class _Reader:
       pixels = augment.train_images(self.d, images, draws)
     else:
       pixels = augment.eval_images(self.d, images)
-    self.normalize(pixels, images_out)
+    images_out[...] = pixels
 
   def job(self, epochs, indices, num_rows: int, extra: dict[str, Any],
           mask: np.ndarray | None = None) -> prefetch.Job:
     """A batch of `num_rows` rows, the first len(indices) read from the source."""
     d = self.d
-    image = np.empty((num_rows, d.image_size, d.image_size, d.channels), np.float32)
+    image = np.empty((num_rows, d.image_size, d.image_size, d.channels),
+                     IMAGE_DTYPE)
     image[len(indices):] = 0  # Eval padding.
     label = np.zeros((num_rows,), np.int32)
     def task(lo, hi):
@@ -112,7 +117,7 @@ def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
                   source: sources.Source | None = None) -> prefetch.Prefetcher:
   """This process's slices of the train batches, from `start_examples` on.
 
-  Yields dicts: `image` float32 [B/P, S, S, C], `label` int32 [B/P], and the
+  Yields dicts: `image` uint8 [B/P, S, S, C], `label` int32 [B/P], and the
   python ints `examples_seen` (at the start of the batch) and `step`. Stops
   after the plan's last step. `start_examples` (examples) must be where a
   step of `plan` starts. Errors in the config or data raise DataError now.
@@ -162,7 +167,7 @@ def eval_batches(config, global_batch_size: int, process_index: int = 0,
                  source: sources.Source | None = None) -> prefetch.Prefetcher:
   """This process's slices of the eval split in batches of `global_batch_size`.
 
-  Yields dicts: `image` float32 [G/P, S, S, C], `label` int32 [G/P] and `mask`
+  Yields dicts: `image` uint8 [G/P, S, S, C], `label` int32 [G/P] and `mask`
   float32 [G/P], 1 for a real example and 0 for padding. The batches cover
   the split exactly once, in order; the last is padded, never dropped.
   `source` (from `sources.eval_source`) saves reopening the split.

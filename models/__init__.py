@@ -38,8 +38,9 @@ __all__ = [
 def create_model(config) -> nn.Module:
   """The linen module named by `config.model.name`, configured from `config`.
 
-  Reads `config.model.*`, `config.dataset.num_classes` and
-  `config.ghost_batch_size` (examples per batch norm group).
+  Reads `config.model.*`, `config.dataset.num_classes`, `.mean` and `.std`
+  (which normalise uint8 images on the device) and `config.ghost_batch_size`
+  (examples per batch norm group).
   """
   m = config.model
   if m.name not in MODEL_NAMES:
@@ -57,6 +58,8 @@ def create_model(config) -> nn.Module:
       num_classes=config.dataset.num_classes,
       ghost_batch_size=config.ghost_batch_size, bn_epsilon=m.bn_epsilon,
       bn_fast_variance=m.bn_fast_variance,
+      pixel_mean=tuple(config.dataset.mean),
+      pixel_std=tuple(config.dataset.std),
       dtype=DTYPES[m.dtype])
   if m.name == "inception_resnet_v2":
     return InceptionResNetV2(**common)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from models.ghost_batch_norm import GhostBatchNorm
+from models.pixels import model_input
 from models.resnet import conv_kernel_init
 
 ModuleDef = Any
@@ -88,12 +89,16 @@ class InceptionResNetV2(nn.Module):
     dtype: compute dtype; parameters are float32, logits float32.
     bn_fast_variance: batch norm variance in one pass (see
       GhostBatchNorm.fast_variance).
+    pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
+      pixels / 255); see models/pixels.py.
   """
   num_classes: int
   ghost_batch_size: int
   bn_epsilon: float
   dtype: Dtype
   bn_fast_variance: bool = True
+  pixel_mean: Sequence[float] | None = None
+  pixel_std: Sequence[float] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -114,7 +119,7 @@ class InceptionResNetV2(nn.Module):
     max_pool = functools.partial(nn.max_pool, window_shape=(3, 3),
                                  strides=(2, 2), padding="VALID")
 
-    x = jnp.asarray(images, self.dtype)
+    x = model_input(images, self.pixel_mean, self.pixel_std, self.dtype)
     # Stem: 299 -> 35x35x192.
     x = cn(32, (3, 3), strides=2, padding="VALID")(x)
     x = cn(32, (3, 3), padding="VALID")(x)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from models.ghost_batch_norm import GhostBatchNorm
+from models.pixels import model_input
 
 ModuleDef = Any
 Dtype = Any
@@ -100,6 +101,8 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters are float32, logits float32.
     bn_fast_variance: batch norm variance in one pass (see
       GhostBatchNorm.fast_variance).
+    pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
+      pixels / 255); see models/pixels.py.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -111,6 +114,8 @@ class ResNet(nn.Module):
   zero_init_residual: bool
   dtype: Dtype
   bn_fast_variance: bool = True
+  pixel_mean: Sequence[float] | None = None
+  pixel_std: Sequence[float] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -125,7 +130,7 @@ class ResNet(nn.Module):
         use_running_average=not train, dtype=self.dtype,
         epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance)
 
-    x = jnp.asarray(images, self.dtype)
+    x = model_input(images, self.pixel_mean, self.pixel_std, self.dtype)
     if self.stem == "imagenet":
       x = conv(self.width, (7, 7), (2, 2), padding=_same_padding(7),
                name="stem_conv")(x)

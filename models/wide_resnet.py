@@ -8,13 +8,14 @@ filters, the last two groups starting with stride 2. No dropout.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models.ghost_batch_norm import GhostBatchNorm
+from models.pixels import model_input
 from models.resnet import conv_kernel_init
 
 ModuleDef = Any
@@ -63,6 +64,8 @@ class WideResNet(nn.Module):
     dtype: compute dtype; parameters are float32, logits float32.
     bn_fast_variance: batch norm variance in one pass (see
       GhostBatchNorm.fast_variance).
+    pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
+      pixels / 255); see models/pixels.py.
   """
   depth: int
   widen_factor: int
@@ -72,6 +75,8 @@ class WideResNet(nn.Module):
   bn_epsilon: float
   dtype: Dtype
   bn_fast_variance: bool = True
+  pixel_mean: Sequence[float] | None = None
+  pixel_std: Sequence[float] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -85,7 +90,7 @@ class WideResNet(nn.Module):
         use_running_average=not train, dtype=self.dtype,
         epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance)
 
-    x = jnp.asarray(images, self.dtype)
+    x = model_input(images, self.pixel_mean, self.pixel_std, self.dtype)
     x = conv(self.width, (3, 3), padding=_PAD3, name="stem_conv")(x)
     blocks_per_group = (self.depth - 4) // 6
     for i in range(3):

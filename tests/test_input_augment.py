@@ -60,14 +60,6 @@ def test_inception_output_shape_and_constant_image():
   assert (out == 77).all()
 
 
-def test_normalizer_maps_pixels_to_standard_units():
-  d = _dataset(channels=2, mean=(0.5, 0.25), std=(0.5, 0.25)).dataset
-  pixels = np.array([[[[0, 255]]]], np.uint8)
-  out = np.empty(pixels.shape, np.float32)
-  augment.normalizer(d)(pixels, out)
-  np.testing.assert_allclose(out[0, 0, 0], [-1.0, 3.0], rtol=1e-6)
-
-
 def test_synthetic_source_is_deterministic_and_seeded():
   config = _dataset(image_size=16)
   a, b = sources.make_source(config, train=True), sources.make_source(config, train=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import models
+from models import pixels as pixels_lib
 from configs import base
 
 
@@ -214,3 +215,46 @@ def test_bn_fast_variance_reaches_every_norm(name, image_shape, fast_variance):
   with nn.intercept_methods(record):
     shapes(model, image_shape)
   assert seen and set(seen) == {fast_variance}
+
+
+def test_model_input_maps_pixels_to_standard_units():
+  pixels = jnp.asarray([[[[0, 255]]]], jnp.uint8)
+  x = pixels_lib.model_input(pixels, (0.5, 0.25), (0.5, 0.25), jnp.float32)
+  assert x.dtype == jnp.float32
+  np.testing.assert_allclose(x[0, 0, 0], [-1.0, 3.0], rtol=1e-6)
+  # Float images are taken as normalised already.
+  floats = jnp.asarray([[[[0.5, -2.0]]]], jnp.float32)
+  np.testing.assert_array_equal(
+      pixels_lib.model_input(floats, None, None, jnp.bfloat16),
+      floats.astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("mean,std,message", [
+    (None, None, r"uint8 images need the model's pixel_mean and pixel_std"),
+    ((0.5,), (0.5,), r"pixel_mean=\(0.5,\) and pixel_std=\(0.5,\) need one "
+     r"value per channel of the 2-channel images"),
+])
+def test_model_input_bad_pixel_stats(mean, std, message):
+  with pytest.raises(ValueError, match=message):
+    pixels_lib.model_input(jnp.zeros((1, 1, 1, 2), jnp.uint8), mean, std,
+                           jnp.float32)
+
+
+def test_uint8_batch_gives_the_logits_of_the_host_normalised_batch(
+    fashion_batch):
+  """The pipeline's uint8 pixels, normalised by the model on the device,
+  give what the same pixels normalised on the host in float64 give."""
+  config = fashion_mnist_config(width=8, zero_init_residual=False)
+  config.ghost_batch_size = 4
+  model = models.create_model(config)
+  pixels = np.random.default_rng(3).integers(0, 256, (8, 28, 28, 1),
+                                             dtype=np.uint8)
+  d = config.dataset
+  normalised = ((pixels / 255.0 - np.asarray(d.mean)) / np.asarray(d.std))
+  variables = init(model, fashion_batch)
+  # Evaluation mode: batch norm uses the (initial) running statistics, so
+  # an input left unnormalised would show in the logits.
+  evaluate = jax.jit(lambda x: model.apply(variables, x, train=False))
+  np.testing.assert_allclose(evaluate(pixels),
+                             evaluate(normalised.astype(np.float32)),
+                             rtol=1e-4, atol=1e-4)

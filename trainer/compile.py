@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from input_pipeline import batches as batches_lib
 from trainer import mesh as mesh_lib
 from trainer import program_cache as program_cache_lib
 from trainer import step as step_lib
@@ -139,6 +140,7 @@ class StepCompiler:
 
   def __init__(self, *, mesh, model, tx, abstract_state, image_shape,
                max_device_batch: int, ghost_batch_size: int,
+               image_dtype=np.float32,
                micro_batch_unroll: int = 0, accumulation: str = "compiled",
                weight_average: bool = False,
                program_cache: program_cache_lib.ProgramCache | None = None,
@@ -146,11 +148,13 @@ class StepCompiler:
     """`on_compiled(batch_size, micro_batches, seconds, loaded)` follows each
     compile; `loaded` is true where `program_cache` supplied the functions.
     The cache's context must identify `model` and `tx` (the trainer passes
-    the whole config)."""
+    the whole config). Batches hold `image` of `image_shape` and
+    `image_dtype` (the input pipeline's uint8 for `for_config`)."""
     check_accumulation(accumulation)
     self._mesh, self._model, self._tx = mesh, model, tx
     self._state = abstract_state
     self._image_shape = tuple(image_shape)
+    self._image_dtype = np.dtype(image_dtype)
     self._max_device_batch = max_device_batch
     self._ghost = ghost_batch_size
     self._unroll = micro_batch_unroll
@@ -173,6 +177,7 @@ class StepCompiler:
     d = config.dataset
     settings = dict(
         image_shape=(d.image_size, d.image_size, d.channels),
+        image_dtype=batches_lib.IMAGE_DTYPE,
         max_device_batch=config.max_device_batch,
         ghost_batch_size=config.ghost_batch_size,
         micro_batch_unroll=config.micro_batch_unroll,
@@ -187,7 +192,7 @@ class StepCompiler:
     data = mesh_lib.batch_sharding(self._mesh)
     return dict(
         image=jax.ShapeDtypeStruct((batch_size, *self._image_shape),
-                                   jnp.float32, sharding=data),
+                                   self._image_dtype, sharding=data),
         label=jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data))
 
   def _hyper(self, *names):
@@ -294,7 +299,8 @@ class StepCompiler:
     """Everything besides the cache's context that fixes function `name`
     of `key`: shapes, shardings and the compiler's settings."""
     return "\n".join(map(repr, (
-        key, name, self._image_shape, self._max_device_batch, self._ghost,
+        key, name, self._image_shape, self._image_dtype,
+        self._max_device_batch, self._ghost,
         self._unroll, self.accumulation, self._weight_average,
         self._mesh.shape, [d.id for d in self._mesh.devices.flat],
         jax.tree_util.tree_structure(self._state),

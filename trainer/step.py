@@ -94,8 +94,9 @@ def train_step(state: TrainState, batch, hyper, *, model, tx,
 
   Args:
     state: TrainState, replicated.
-    batch: dict with `image` [B, H, W, C] float32 and `label` [B] int32,
-      sharded over devices along B.
+    batch: dict with `image` [B, H, W, C] (the pipeline's uint8 pixels,
+      which the model normalises, or normalised floats) and `label` [B]
+      int32, sharded over devices along B.
     hyper: dict of scalars from the plan: `learning_rate` (ε), `momentum` (m)
       and `bn_decay`, the running-statistics decay for this step's B.
     model: a flax module with ghost batch norm (models/).
