@@ -14,7 +14,9 @@
 #   PARTS="reference_step max_device_batch" bash benchmarks/gpu_figures.sh
 #
 # Python packages the GPU image may lack (ml-collections, tensorboardX) are
-# installed from wheels in .whl/ when that folder exists.
+# installed from wheels in .whl/ when that folder exists; made beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl ml-collections tensorboardX
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-gpu_figures}
