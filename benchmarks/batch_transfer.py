@@ -20,11 +20,10 @@ import os
 import sys
 import time
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
-                                                                  ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+common.default_virtual_devices(8)
 
 
 def host_normalize(pixels, mean, std):
@@ -56,7 +55,6 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
-  from benchmarks import common
   from models import pixels as pixels_lib
   from trainer import mesh as mesh_lib
 

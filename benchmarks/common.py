@@ -3,7 +3,17 @@ the step's scalars, and timing the step as the trainer runs it."""
 from __future__ import annotations
 
 import ast
+import os
 import time
+
+
+def default_virtual_devices(count: int) -> None:
+  """Asks XLA:CPU for `count` virtual devices unless XLA_FLAGS already sets
+  a device count; call before jax is imported."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={count}")
 
 
 def load_config(config_path, overrides):

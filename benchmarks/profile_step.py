@@ -19,11 +19,10 @@ import sys
 import tempfile
 import time
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
-                                                                  ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+common.default_virtual_devices(8)
 
 
 def main():
@@ -43,7 +42,6 @@ def main():
   from jax import profiler
 
   import models
-  from benchmarks import common
   from benchmarks import trace_ops
   from trainer import compile as compile_lib
   from trainer import loop
