@@ -1,8 +1,9 @@
 #!/bin/bash
 # The performance figures that need a GPU, in one command (one lease):
-#   1. ResNet-50, bf16, 224 px, B=256: ours (both ghost batch norm variance
-#      passes) against the Flax-ImageNet-style reference, examples/s, MFU,
-#      and each step's device time per kind of operation (profiler trace).
+#   1. ResNet-50, bf16, 224 px, B=256: ours against the Flax-ImageNet-style
+#      reference, and each step with the other's model (--cross):
+#      examples/s, MFU, each step's device time per kind of operation
+#      (profiler trace) and its optimised HLO.
 #   2. The largest per-device batch of that step that fits.
 #   3. Stage switches and second-launch compile time of the smoke config.
 #   4. An ImageNet batch put as float32 normalised on the host against uint8
@@ -44,12 +45,18 @@ part() {  # Whether part $1 was asked for; prints its heading if so.
   echo "== $1"
 }
 
-part reference_step &&
-timeout 220 "$PY" benchmarks/reference_step.py --models=resnet50 \
-    --image_size=224 --batch_size=256 --ghost_batch_size=32 \
-    --dtype=bfloat16 --peak_size=8192 --bn_variance=one_pass,two_pass \
-    --steps=10 --rounds=2 --profile_steps=3 2>&1 \
-    | tee "$OUT/reference_step.txt"
+part reference_step && {
+  # The two steps' optimised HLO come back with the figures (hlo.tgz).
+  dump="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text"
+  XLA_FLAGS="$dump --xla_dump_hlo_module_re=jit_(single|step)" \
+  timeout 300 "$PY" benchmarks/reference_step.py --models=resnet50 \
+      --image_size=224 --batch_size=256 --ghost_batch_size=32 \
+      --dtype=bfloat16 --peak_size=8192 --bn_variance=one_pass --cross \
+      --steps=10 --rounds=2 --profile_steps=3 \
+      --ops_json="$OUT/reference_step_ops.json" 2>&1 \
+      | tee "$OUT/reference_step.txt"
+  (cd /tmp/hlo && tar czf - ./*after_optimizations.txt) > "$OUT/hlo.tgz"
+}
 
 part max_device_batch &&
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 150 "$PY" \

@@ -153,14 +153,8 @@ def build(name, args, compile_steps: bool = True) -> dict:
       common.random_batch(np.random.default_rng(0), d, b), mesh)
   abstract = compile_lib.abstract
 
-  # Ours, once per batch norm variance asked for.
-  ours = {}  # trainer name: (config, model, tx, compiled step, state)
-  for variance in args.bn_variance.split(","):
-    if variance not in BN_VARIANCES:
-      raise SystemExit(f"unknown --bn_variance {variance!r}; choose from "
-                       f"{', '.join(BN_VARIANCES)}")
-    config.model.bn_fast_variance = variance == "one_pass"
-    model = models.create_model(config)
+  def ours_step(model):
+    """Our step for `model`: (tx, compiled step or None, state)."""
     tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
                                       momentum=0.9)
     state = loop.create_train_state(config, model, tx, mesh, seed=0)
@@ -173,12 +167,50 @@ def build(name, args, compile_steps: bool = True) -> dict:
       # What the trainer runs for a batch that needs no micro-batching.
       step = compiler.compile_accumulation(b)["single"]
       compiler.close()
-    who = "ours" if "," not in args.bn_variance else f"ours/{variance}"
-    ours[who] = (config.copy_and_resolve_references(), model, tx, step, state)
+    return tx, step, state
 
-  # Reference.
+  # Ours, once per batch norm variance asked for.
+  ours = {}  # trainer name: (config, model, tx, compiled step, state)
+  for variance in args.bn_variance.split(","):
+    if variance not in BN_VARIANCES:
+      raise SystemExit(f"unknown --bn_variance {variance!r}; choose from "
+                       f"{', '.join(BN_VARIANCES)}")
+    config.model.bn_fast_variance = variance == "one_pass"
+    model = models.create_model(config)
+    who = "ours" if "," not in args.bn_variance else f"ours/{variance}"
+    ours[who] = (config.copy_and_resolve_references(), model,
+                 *ours_step(model))
   ref_model = reference_model(config)
-  ref_tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+  if args.cross:
+    ours["ours/ref_model"] = (config.copy_and_resolve_references(), ref_model,
+                              *ours_step(ref_model))
+
+  # Reference: its step for its model, and with --cross for ours.
+  refs = {"reference": reference_step(ref_model, config, mesh, batch,
+                                      compile_steps)}
+  if args.cross:
+    refs["ref/our_model"] = reference_step(ours[next(iter(ours))][1], config,
+                                           mesh, batch, compile_steps)
+
+  return dict(config=config, mesh=mesh, batch=batch,
+              hyper=common.step_hyper(mesh, learning_rate=0.1), ours=ours,
+              refs=refs)
+
+
+def reference_step(model, config, mesh, batch, compile_steps: bool) -> dict:
+  """The Flax-ImageNet-style step for `model`: its jitted init and step, a
+  state, and the compiled step (None unless `compile_steps`)."""
+  import flax
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from trainer import compile as compile_lib
+  from trainer import mesh as mesh_lib
+
+  d = config.dataset
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   weight_decay = config.optimizer.weight_decay
 
   @flax.struct.dataclass
@@ -187,14 +219,14 @@ def build(name, args, compile_steps: bool = True) -> dict:
     batch_stats: object
     opt_state: object
 
-  def ref_init(key):
-    v = ref_model.init(key, jnp.zeros((1, d.image_size, d.image_size,
-                                       d.channels)), train=False)
-    return RefState(v["params"], v["batch_stats"], ref_tx.init(v["params"]))
+  def init(key):
+    v = model.init(key, jnp.zeros((config.ghost_batch_size, d.image_size,
+                                   d.image_size, d.channels)), train=False)
+    return RefState(v["params"], v["batch_stats"], tx.init(v["params"]))
 
-  def ref_step(state, batch):
+  def step(state, batch):
     def loss_fn(params):
-      logits, new = ref_model.apply(
+      logits, new = model.apply(
           {"params": params, "batch_stats": state.batch_stats},
           batch["image"], train=True, mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(
@@ -204,19 +236,18 @@ def build(name, args, compile_steps: bool = True) -> dict:
       return loss + 0.5 * weight_decay * l2, new["batch_stats"]
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = ref_tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return RefState(optax.apply_updates(state.params, updates), stats,
                     opt_state), loss
 
-  ref_init = jax.jit(ref_init, out_shardings=replicated)
-  ref_jit = jax.jit(ref_step, in_shardings=(replicated, data),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
-  ref_state = ref_init(jax.random.PRNGKey(0))
-  ref = (ref_jit.lower(abstract(ref_state), abstract(batch)).compile()
-         if compile_steps else None)
-  return dict(config=config, mesh=mesh, batch=batch,
-              hyper=common.step_hyper(mesh, learning_rate=0.1), ours=ours,
-              ref=ref, ref_jit=ref_jit, ref_init=ref_init, ref_state=ref_state)
+  init = jax.jit(init, out_shardings=replicated)
+  jitted = jax.jit(step, in_shardings=(replicated, data),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+  state = init(jax.random.PRNGKey(0))
+  abstract = compile_lib.abstract
+  compiled = (jitted.lower(abstract(state), abstract(batch)).compile()
+              if compile_steps else None)
+  return dict(init=init, jit=jitted, state=state, step=compiled)
 
 
 def count_flops(built) -> dict:
@@ -231,8 +262,8 @@ def count_flops(built) -> dict:
   from trainer import step as step_lib
 
   abstract, batch = compile_lib.abstract, built["batch"]
-  lowered = dict(reference=built["ref_jit"].lower(
-      abstract(built["ref_state"]), abstract(batch)))
+  lowered = {who: ref["jit"].lower(abstract(ref["state"]), abstract(batch))
+             for who, ref in built["refs"].items()}
   for who, (_, model, tx, _, state) in built["ours"].items():
     lowered[who] = jax.jit(functools.partial(
         step_lib.train_step, model=model, tx=tx,
@@ -249,9 +280,8 @@ def measure(name, args):
 
   built = build(name, args)
   flops = count_flops(built)
-  mesh, batch, hyper, ours = (built[k] for k in ("mesh", "batch", "hyper",
-                                                 "ours"))
-  ref, ref_state = built["ref"], built["ref_state"]
+  mesh, batch, hyper, ours, refs = (
+      built[k] for k in ("mesh", "batch", "hyper", "ours", "refs"))
 
   def timed(fn, state, *rest):
     """Median seconds of `args.steps` steps, after one untimed step."""
@@ -264,24 +294,25 @@ def measure(name, args):
       times.append(time.perf_counter() - start)
     return float(np.median(times))
 
-  # Interleave them so that a noisy neighbour hits all alike.
-  seconds = {who: [] for who in (*ours, "reference")}
+  # Interleave them so that a noisy neighbour hits all alike. Each step
+  # donates its state: every run gets a fresh one.
+  fresh = {who: functools.partial(loop.create_train_state, cfg, model, tx,
+                                  mesh, seed=0)
+           for who, (cfg, model, tx, _, _) in ours.items()}
+  fresh.update({who: functools.partial(ref["init"], jax.random.PRNGKey(0))
+                for who, ref in refs.items()})
+  runs = {who: (step, (batch, hyper)) for who, (*_, step, _) in ours.items()}
+  runs.update({who: (ref["step"], (batch,)) for who, ref in refs.items()})
+  seconds = {who: [] for who in runs}
   for _ in range(args.rounds):
-    for who, (cfg, model, tx, step, state) in ours.items():
-      seconds[who].append(timed(step, state, batch, hyper))
-      # The step donated the state: a fresh one for the next round.
-      state = loop.create_train_state(cfg, model, tx, mesh, seed=0)
-      ours[who] = (cfg, model, tx, step, state)
-    seconds["reference"].append(timed(ref, ref_state, batch))
-    ref_state = built["ref_init"](jax.random.PRNGKey(0))
+    for who, (step, rest) in runs.items():
+      seconds[who].append(timed(step, fresh[who](), *rest))
   ops = {}
   if args.profile_steps:
     from benchmarks import trace_ops
-    for who, (cfg, model, tx, step, state) in ours.items():
-      ops[who] = trace_ops.trace(_Runner(step, state, batch, hyper),
+    for who, (step, rest) in runs.items():
+      ops[who] = trace_ops.trace(_Runner(step, fresh[who](), *rest),
                                  args.profile_steps)
-    ops["reference"] = trace_ops.trace(_Runner(ref, ref_state, batch),
-                                       args.profile_steps)
   config, b = built["config"], args.batch_size
   peak = matmul_peak(mesh, config.model.dtype, args.peak_size)
   rows = []
@@ -354,6 +385,12 @@ def main():
   p.add_argument("--profile_steps", type=int, default=0,
                  help="after timing, trace this many steps of each trainer "
                       "and print device time per kind of operation")
+  p.add_argument("--cross", action="store_true",
+                 help="two more rows: our step with the reference's model "
+                      "and the reference's step with our model")
+  p.add_argument("--ops_json", default="",
+                 help="with --profile_steps, write every row with all its "
+                      "operations' ms per step to this JSON file")
   p.add_argument("--top_ops", type=int, default=12,
                  help="operations listed per trainer with --profile_steps")
   p.add_argument("--devices", default="8")
@@ -382,13 +419,13 @@ def main():
       for r in measured:
         r["step_flops"] = flops[r["trainer"]]
     rows += measured
-  print(f"{'model':>9} {'trainer':>13} {'px':>4} {'B':>5} {'ms/step':>8} "
+  print(f"{'model':>9} {'trainer':>14} {'px':>4} {'B':>5} {'ms/step':>8} "
         f"{'ex/s':>7} {'GFLOP/step':>10} {'MFU':>6} {'vs ref':>6}")
   for r in rows:
     ref = next(x for x in rows if x["model"] == r["model"]
                and x["trainer"] == "reference")
     mfu = r["step_flops"] / r["step_seconds"] / r["peak_flops"]
-    print(f"{r['model']:>9} {r['trainer']:>13} {r['image_size']:>4} "
+    print(f"{r['model']:>9} {r['trainer']:>14} {r['image_size']:>4} "
           f"{r['batch_size']:>5} {1000 * r['step_seconds']:>8.1f} "
           f"{r['examples_per_second']:>7.1f} {r['step_flops'] / 1e9:>10.2f} "
           f"{mfu:>6.1%} "
@@ -397,6 +434,9 @@ def main():
         f"{rows[0]['devices']} devices")
   if a.profile_steps:
     print_profiles(rows, a.top_ops)
+    if a.ops_json:
+      with open(a.ops_json, "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 def print_profiles(rows, top: int):
@@ -407,12 +447,12 @@ def print_profiles(rows, top: int):
     mine = [r for r in rows if r["model"] == model]
     kinds = {r["trainer"]: trace_ops.by_category(r["ops"]) for r in mine}
     print(f"\n{model}: device ms per step (profiler trace)")
-    print(f"{'operations':<36}" + "".join(f" {r['trainer']:>13}" for r in mine))
+    print(f"{'operations':<36}" + "".join(f" {r['trainer']:>14}" for r in mine))
     for label, _ in (*trace_ops.CATEGORIES, ("total", None)):
       values = [sum(kinds[r["trainer"]].values()) if label == "total"
                 else kinds[r["trainer"]].get(label, 0.0) for r in mine]
       if any(values):
-        print(f"{label:<36}" + "".join(f" {v:13.2f}" for v in values))
+        print(f"{label:<36}" + "".join(f" {v:14.2f}" for v in values))
     for r in mine:
       print(f"{r['trainer']}: top {top} operations, ms per step")
       for op, ms in sorted(r["ops"].items(), key=lambda x: -x[1])[:top]:
