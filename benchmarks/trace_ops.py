@@ -24,7 +24,8 @@ import tempfile
 CATEGORIES = (  # First match wins.
     ("YNNPACK library fusion (conv, dot)", re.compile(r"^ynn_fusion")),
     # cuDNN names its kernels by pass: fprop, dgrad (input), wgrad (filter).
-    ("convolution", re.compile(r"conv|cudnn|fprop|dgrad|wgrad")),
+    # (XLA:GPU's fusions of a convert are "..._convert_..." fusions.)
+    ("convolution", re.compile(r"conv(?!ert)|cudnn|fprop|dgrad|wgrad")),
     ("matmul", re.compile(r"dot|gemm|cublas|matmul")),
     ("all-reduce", re.compile(r"all-reduce|nccl")),
     ("transpose / copy", re.compile(r"transpose|copy")),

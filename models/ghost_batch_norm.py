@@ -19,6 +19,7 @@ in examples, is the same in every stage.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -80,23 +81,38 @@ class GhostBatchNorm(nn.Module):
       raise ValueError(
           f"ghost batch norm: the batch of {batch_size} examples is not a "
           f"multiple of ghost_batch_size={g}")
-    groups = x32.reshape((batch_size // g, g) + x.shape[1:])
-    # Mean and biased variance per group and channel, over examples and space.
-    axes = tuple(range(1, groups.ndim - 1))
-    mean = jnp.mean(groups, axis=axes, keepdims=True)
+    # Mean and biased variance per group and channel, over examples and space:
+    # each example's spatial sum first, over the activations as they are
+    # ([B, ..., C] -> [B, C]), then over the g examples of each group (a tiny
+    # [B/g, g, C] sum). Reducing the [B, ..., C] array itself, not a
+    # [B/g, g, ..., C] view of it, lets XLA:GPU fuse the batch norm's backward
+    # as it does the plain batch norm's (the grouped view cost ResNet-50 6%
+    # of its step on an H100).
+    spatial = tuple(range(1, x.ndim - 1))
+    count = g * math.prod(x.shape[1:-1])
+
+    def group_mean(values):  # [B, ..., C] -> [B/g, C]
+      sums = jnp.sum(values, axis=spatial)
+      return jnp.sum(sums.reshape(-1, g, num_channels), axis=1) / count
+
+    def per_example(stat):  # [B/g, C] -> [B, 1, ..., 1, C]
+      repeated = jnp.broadcast_to(stat[:, None], (batch_size // g, g,
+                                                  num_channels))
+      return repeated.reshape((batch_size,) + (1,) * len(spatial)
+                              + (num_channels,))
+
+    mean = group_mean(x32)
     if self.fast_variance:
       # Clamped: rounding can take E[x²] - E[x]² a hair below zero.
-      var = jnp.maximum(
-          jnp.mean(jnp.square(groups), axis=axes, keepdims=True)
-          - jnp.square(mean), 0.0)
+      var = jnp.maximum(group_mean(jnp.square(x32)) - jnp.square(mean), 0.0)
     else:
-      var = jnp.mean(jnp.square(groups - mean), axis=axes, keepdims=True)
-    y = self._affine(groups, mean, var, scale, bias).reshape(x.shape)
+      var = group_mean(jnp.square(x32 - per_example(mean)))
+    y = self._affine(x32, per_example(mean), per_example(var), scale, bias)
 
     if not self.is_initializing():
       # The batch's statistics, not an average: see the module docstring.
-      running_mean.value = jnp.mean(mean.reshape(-1, num_channels), axis=0)
-      running_var.value = jnp.mean(var.reshape(-1, num_channels), axis=0)
+      running_mean.value = jnp.mean(mean, axis=0)
+      running_var.value = jnp.mean(var, axis=0)
     return jnp.asarray(y, self.dtype)
 
   def _affine(self, x, mean, var, scale, bias):

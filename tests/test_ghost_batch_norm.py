@@ -74,15 +74,17 @@ def test_training_matches_numpy(g, shape, fast_variance):
 
 
 def test_fast_variance_of_a_constant_group_is_not_negative():
-  """E[x²] - E[x]² of a constant group of 1000.1 rounds to -0.81 in float32;
-  the clamp keeps var + epsilon positive, so the output is finite."""
-  x = np.full((4, 5, 5, 2), 1000.1, np.float32)
+  """E[x²] - E[x]² of a constant group of 999.9, summed in float32 as the
+  module sums (each example's 5 x 5 pixels, then the group's 2 examples),
+  rounds to -0.375; the clamp keeps var + epsilon positive, so the output
+  is finite."""
+  x = np.full((4, 5, 5, 2), 999.9, np.float32)
   variables = random_variables(x, np.random.default_rng(0))
   module = GhostBatchNorm(ghost_batch_size=2, use_running_average=False,
                           dtype=jnp.float32, epsilon=EPSILON)
   y, updates = module.apply(variables, x, mutable=["batch_stats"])
   np.testing.assert_array_equal(updates["batch_stats"]["var"], 0.0)
-  # Unclamped, rsqrt(-0.81 + epsilon) would make every output NaN.
+  # Unclamped, rsqrt(-0.375 + epsilon) would make every output NaN.
   assert np.isfinite(y).all()
 
 
