@@ -4,7 +4,8 @@ batch, same mesh; plus model-FLOPs utilisation.
     python benchmarks/reference_step.py [--models=resnet50,small] \
         [--image_size=64] [--batch_size=64] [--devices=8] [--steps=5] \
         [--dtype=float32] [--peak_size=1024] \
-        [--bn_variance=one_pass,two_pass] [--profile_steps=3]
+        [--bn_variance=one_pass,two_pass] [--bn_gradient=explicit,autodiff] \
+        [--cross] [--profile_steps=3] [--ops_json=ops.json]
 
 On one GPU, the figure the performance issue asks for (bf16, 224 px;
 `benchmarks/gpu_figures.sh` runs it with both variances and a profile):
@@ -42,6 +43,7 @@ import sys
 import time
 
 BN_VARIANCES = ("one_pass", "two_pass")  # model.bn_fast_variance true, false
+BN_GRADIENTS = ("explicit", "autodiff")  # model.bn_explicit_gradient
 MODELS = {
     # name: (config file, overrides)
     "resnet50": ("configs/imagenet_resnet50.py",
@@ -129,7 +131,8 @@ def load(name, args):
 
 
 def build(name, args, compile_steps: bool = True) -> dict:
-  """Ours (one per --bn_variance) and the reference for model `name`, their
+  """Ours (one per --bn_variance and --bn_gradient) and the reference for
+  model `name` (with --cross, each step with the other's model too), their
   states, a random batch on the devices and the step scalars; the steps are
   compiled only if `compile_steps`."""
   import flax
@@ -169,17 +172,20 @@ def build(name, args, compile_steps: bool = True) -> dict:
       compiler.close()
     return tx, step, state
 
-  # Ours, once per batch norm variance asked for.
+  # Ours, once per batch norm variance and gradient asked for.
+  variances = _choices(args.bn_variance, BN_VARIANCES, "--bn_variance")
+  gradients = _choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
-  for variance in args.bn_variance.split(","):
-    if variance not in BN_VARIANCES:
-      raise SystemExit(f"unknown --bn_variance {variance!r}; choose from "
-                       f"{', '.join(BN_VARIANCES)}")
-    config.model.bn_fast_variance = variance == "one_pass"
-    model = models.create_model(config)
-    who = "ours" if "," not in args.bn_variance else f"ours/{variance}"
-    ours[who] = (config.copy_and_resolve_references(), model,
-                 *ours_step(model))
+  for variance in variances:
+    for gradient in gradients:
+      config.model.bn_fast_variance = variance == "one_pass"
+      config.model.bn_explicit_gradient = gradient == "explicit"
+      model = models.create_model(config)
+      who = "/".join(["ours"] + [v for v, vs in ((variance, variances),
+                                                 (gradient, gradients))
+                                 if len(vs) > 1])
+      ours[who] = (config.copy_and_resolve_references(), model,
+                   *ours_step(model))
   ref_model = reference_model(config)
   if args.cross:
     ours["ours/ref_model"] = (config.copy_and_resolve_references(), ref_model,
@@ -195,6 +201,15 @@ def build(name, args, compile_steps: bool = True) -> dict:
   return dict(config=config, mesh=mesh, batch=batch,
               hyper=common.step_hyper(mesh, learning_rate=0.1), ours=ours,
               refs=refs)
+
+
+def _choices(flag_value: str, allowed, flag: str) -> list[str]:
+  values = flag_value.split(",")
+  for value in values:
+    if value not in allowed:
+      raise SystemExit(f"unknown {flag} {value!r}; choose from "
+                       f"{', '.join(allowed)}")
+  return values
 
 
 def reference_step(model, config, mesh, batch, compile_steps: bool) -> dict:
@@ -382,6 +397,9 @@ def main():
   p.add_argument("--bn_variance", default="one_pass",
                  help="ghost batch norm variance of ours: one_pass, two_pass "
                       "or both (comma-separated), each a row")
+  p.add_argument("--bn_gradient", default="explicit",
+                 help="ghost batch norm gradient of ours: explicit, "
+                      "autodiff or both (comma-separated), each a row")
   p.add_argument("--profile_steps", type=int, default=0,
                  help="after timing, trace this many steps of each trainer "
                       "and print device time per kind of operation")
@@ -419,13 +437,13 @@ def main():
       for r in measured:
         r["step_flops"] = flops[r["trainer"]]
     rows += measured
-  print(f"{'model':>9} {'trainer':>14} {'px':>4} {'B':>5} {'ms/step':>8} "
+  print(f"{'model':>9} {'trainer':>20} {'px':>4} {'B':>5} {'ms/step':>8} "
         f"{'ex/s':>7} {'GFLOP/step':>10} {'MFU':>6} {'vs ref':>6}")
   for r in rows:
     ref = next(x for x in rows if x["model"] == r["model"]
                and x["trainer"] == "reference")
     mfu = r["step_flops"] / r["step_seconds"] / r["peak_flops"]
-    print(f"{r['model']:>9} {r['trainer']:>14} {r['image_size']:>4} "
+    print(f"{r['model']:>9} {r['trainer']:>20} {r['image_size']:>4} "
           f"{r['batch_size']:>5} {1000 * r['step_seconds']:>8.1f} "
           f"{r['examples_per_second']:>7.1f} {r['step_flops'] / 1e9:>10.2f} "
           f"{mfu:>6.1%} "
@@ -447,12 +465,12 @@ def print_profiles(rows, top: int):
     mine = [r for r in rows if r["model"] == model]
     kinds = {r["trainer"]: trace_ops.by_category(r["ops"]) for r in mine}
     print(f"\n{model}: device ms per step (profiler trace)")
-    print(f"{'operations':<36}" + "".join(f" {r['trainer']:>14}" for r in mine))
+    print(f"{'operations':<36}" + "".join(f" {r['trainer']:>20}" for r in mine))
     for label, _ in (*trace_ops.CATEGORIES, ("total", None)):
       values = [sum(kinds[r["trainer"]].values()) if label == "total"
                 else kinds[r["trainer"]].get(label, 0.0) for r in mine]
       if any(values):
-        print(f"{label:<36}" + "".join(f" {v:14.2f}" for v in values))
+        print(f"{label:<36}" + "".join(f" {v:20.2f}" for v in values))
     for r in mine:
       print(f"{r['trainer']}: top {top} operations, ms per step")
       for op, ms in sorted(r["ops"].items(), key=lambda x: -x[1])[:top]:

@@ -70,6 +70,10 @@ def get_base_config() -> config_dict.ConfigDict:
       # activations (as Flax's BatchNorm), or as E[(x - E[x])²] after
       # the mean, a second pass.
       bn_fast_variance=True,
+      # Train through the batch norm gradient written out (one reduction
+      # and one elementwise pass over the activations) or through JAX's
+      # autodiff of the forward pass; the same values.
+      bn_explicit_gradient=True,
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))
   # Batch norm statistics are taken over groups of this many examples, in

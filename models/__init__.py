@@ -58,6 +58,7 @@ def create_model(config) -> nn.Module:
       num_classes=config.dataset.num_classes,
       ghost_batch_size=config.ghost_batch_size, bn_epsilon=m.bn_epsilon,
       bn_fast_variance=m.bn_fast_variance,
+      bn_explicit_gradient=m.bn_explicit_gradient,
       pixel_mean=tuple(config.dataset.mean),
       pixel_std=tuple(config.dataset.std),
       dtype=DTYPES[m.dtype])

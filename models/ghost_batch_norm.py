@@ -5,10 +5,14 @@ training every group of `ghost_batch_size` consecutive examples is normalised
 by its own mean and variance, whatever B is (Hoffer et al. 2017; Smith et al.
 2018 use ghost batches of 128 on CIFAR-10 and 32 on ImageNet).
 
-The groups are made by a reshape [B, ...] -> [B/g, g, ...]. The trainer shards
-the batch on the `data` mesh axis with a per-device share that is a multiple of
-g, so a group never straddles a device and the compiled step moves no
-activations between devices (tests/test_ghost_batch_norm.py reads the HLO).
+A group is g consecutive rows of the batch. The trainer shards the batch on
+the `data` mesh axis with a per-device share that is a multiple of g, so a
+group never straddles a device and the compiled step moves no activations
+between devices (tests/test_ghost_batch_norm.py reads the HLO).
+
+Training differentiates through a hand-written batch norm gradient
+(`explicit_gradient`, the default): one reduction pass and one elementwise
+pass over the activations, where autodiff's gradient took XLA:GPU more.
 
 The module does not keep the moving average itself. In training it writes the
 statistics of the current batch into the `batch_stats` collection; the train
@@ -19,6 +23,7 @@ in examples, is the same in every stage.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -28,6 +33,95 @@ import jax.numpy as jnp
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
+
+
+def _group_mean(values: jax.Array, g: int) -> jax.Array:
+  """[B, ..., C] -> [B/g, C]: the mean over each group of g consecutive
+  examples and over space. Each example's spatial sum is taken first, over
+  the activations as they are, then the g sums of a group are added (a tiny
+  [B/g, g, C] sum): reducing the [B, ..., C] array itself, rather than a
+  [B/g, g, ..., C] view of it, let XLA:GPU fuse the backward pass closer to
+  the way it fuses a plain batch norm's (docs/results/benchmarks/h100/)."""
+  sums = jnp.sum(values, axis=tuple(range(1, values.ndim - 1)))
+  count = g * math.prod(values.shape[1:-1])
+  return jnp.sum(sums.reshape(-1, g, sums.shape[-1]), axis=1) / count
+
+
+def _per_example(stat: jax.Array, g: int, ndim: int) -> jax.Array:
+  """[B/g, C] -> [B, 1, ..., 1, C] (ndim dimensions): each group's value
+  for each of its examples, to broadcast against the activations."""
+  groups, channels = stat.shape
+  repeated = jnp.broadcast_to(stat[:, None], (groups, g, channels))
+  return repeated.reshape((groups * g,) + (1,) * (ndim - 2) + (channels,))
+
+
+def _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype):
+  """Ghost batch norm of `x` [B, ..., C] in training: returns the output in
+  `dtype` and each group's mean and biased variance [B/g, C] (float32).
+
+  Statistics and the affine map are computed in float32; reads and writes
+  stay in the activations' dtype. `fast_variance`: E[x²] - E[x]², clamped
+  at 0 against rounding, in the same pass as the mean (as Flax's BatchNorm);
+  else E[(x - E[x])²], a second pass that loses nothing to cancellation
+  when |mean| >> std.
+  """
+  x32 = jnp.asarray(x, jnp.float32)
+  mean = _group_mean(x32, g)
+  if fast_variance:
+    var = jnp.maximum(_group_mean(jnp.square(x32), g) - jnp.square(mean), 0.0)
+  else:
+    var = _group_mean(jnp.square(x32 - _per_example(mean, g, x.ndim)), g)
+  multiplier = jax.lax.rsqrt(var + epsilon) * jnp.asarray(scale, jnp.float32)
+  y = ((x32 - _per_example(mean, g, x.ndim)) * _per_example(multiplier, g,
+                                                            x.ndim)
+       + jnp.asarray(bias, jnp.float32))
+  return jnp.asarray(y, dtype), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _ghost_normalize_explicit(x, scale, bias, g, epsilon, fast_variance,
+                              dtype):
+  """`_ghost_normalize` with its gradient written out (see `_backward`)."""
+  return _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype)
+
+
+def _forward(x, scale, bias, g, epsilon, fast_variance, dtype):
+  out = _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype)
+  _, mean, var = out
+  return out, (x, scale, mean, jax.lax.rsqrt(var + epsilon))
+
+
+def _backward(g, epsilon, fast_variance, dtype, residuals, cotangents):
+  """The gradient of batch norm in one reduction pass and one elementwise
+  pass over the activations: with x̂ = (x - mean) * rstd and n values per
+  group, dx = scale * rstd * (dy - mean(dy) - x̂ * mean(dy * x̂)) per group,
+  plus the terms of the statistics' own cotangents (zero when only the
+  output reaches the loss). Autodiff of the forward pass gives the same
+  values; XLA:GPU spreads its reductions over more passes."""
+  del epsilon, fast_variance, dtype  # Same function of x in every case.
+  x, scale, mean, rstd = residuals
+  dy, dmean, dvar = cotangents
+  ndim = x.ndim
+  x32 = jnp.asarray(x, jnp.float32)
+  dy32 = jnp.asarray(dy, jnp.float32)
+  centred = x32 - _per_example(mean, g, ndim)
+  x_hat = centred * _per_example(rstd, g, ndim)
+  mean_dy = _group_mean(dy32, g)
+  mean_dy_x_hat = _group_mean(dy32 * x_hat, g)
+  count = g * math.prod(x.shape[1:-1])
+  scale32 = jnp.asarray(scale, jnp.float32)
+  dx = (_per_example(rstd * scale32, g, ndim)
+        * (dy32 - _per_example(mean_dy, g, ndim)
+           - x_hat * _per_example(mean_dy_x_hat, g, ndim))
+        + _per_example(dmean / count, g, ndim)
+        + centred * _per_example(2.0 * dvar / count, g, ndim))
+  dscale = jnp.sum(mean_dy_x_hat, axis=0) * count
+  dbias = jnp.sum(mean_dy, axis=0) * count
+  return (jnp.asarray(dx, x.dtype), jnp.asarray(dscale, scale.dtype),
+          jnp.asarray(dbias, scale.dtype))
+
+
+_ghost_normalize_explicit.defvjp(_forward, _backward)
 
 
 class GhostBatchNorm(nn.Module):
@@ -45,6 +139,9 @@ class GhostBatchNorm(nn.Module):
       same pass over the activations (Flax's BatchNorm does the same); else
       as E[(x - E[x])²], a second pass after the mean, which loses nothing
       to cancellation when |mean| >> std. Both are float32.
+    explicit_gradient: differentiate training with the batch norm gradient
+      written out (one reduction pass, one elementwise pass); else with
+      JAX's autodiff of the forward pass. Same values.
     scale_init: initialiser of `scale` (zeros for the last norm of a residual
       branch, so that each block starts as the identity).
   """
@@ -54,6 +151,7 @@ class GhostBatchNorm(nn.Module):
   epsilon: float
   param_dtype: Dtype = jnp.float32
   fast_variance: bool = True
+  explicit_gradient: bool = True
   scale_init: Initializer = nn.initializers.ones
 
   @nn.compact
@@ -69,10 +167,11 @@ class GhostBatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (num_channels,),
                       self.param_dtype)
 
-    x32 = jnp.asarray(x, jnp.float32)
     if self.use_running_average:
-      mean, var = running_mean.value, running_var.value
-      y = self._affine(x32, mean, var, scale, bias)
+      multiplier = jax.lax.rsqrt(running_var.value + self.epsilon) * (
+          jnp.asarray(scale, jnp.float32))
+      y = ((jnp.asarray(x, jnp.float32) - running_mean.value) * multiplier
+           + jnp.asarray(bias, jnp.float32))
       return jnp.asarray(y, self.dtype)
 
     g = self.ghost_batch_size
@@ -81,46 +180,15 @@ class GhostBatchNorm(nn.Module):
       raise ValueError(
           f"ghost batch norm: the batch of {batch_size} examples is not a "
           f"multiple of ghost_batch_size={g}")
-    # Mean and biased variance per group and channel, over examples and space:
-    # each example's spatial sum first, over the activations as they are
-    # ([B, ..., C] -> [B, C]), then over the g examples of each group (a tiny
-    # [B/g, g, C] sum). Reducing the [B, ..., C] array itself, not a
-    # [B/g, g, ..., C] view of it, lets XLA:GPU fuse the batch norm's backward
-    # as it does the plain batch norm's (the grouped view cost ResNet-50 6%
-    # of its step on an H100).
-    spatial = tuple(range(1, x.ndim - 1))
-    count = g * math.prod(x.shape[1:-1])
-
-    def group_mean(values):  # [B, ..., C] -> [B/g, C]
-      sums = jnp.sum(values, axis=spatial)
-      return jnp.sum(sums.reshape(-1, g, num_channels), axis=1) / count
-
-    def per_example(stat):  # [B/g, C] -> [B, 1, ..., 1, C]
-      repeated = jnp.broadcast_to(stat[:, None], (batch_size // g, g,
-                                                  num_channels))
-      return repeated.reshape((batch_size,) + (1,) * len(spatial)
-                              + (num_channels,))
-
-    mean = group_mean(x32)
-    if self.fast_variance:
-      # Clamped: rounding can take E[x²] - E[x]² a hair below zero.
-      var = jnp.maximum(group_mean(jnp.square(x32)) - jnp.square(mean), 0.0)
-    else:
-      var = group_mean(jnp.square(x32 - per_example(mean)))
-    y = self._affine(x32, per_example(mean), per_example(var), scale, bias)
-
+    normalize = (_ghost_normalize_explicit if self.explicit_gradient
+                 else _ghost_normalize)
+    y, mean, var = normalize(x, scale, bias, g, self.epsilon,
+                             self.fast_variance, jnp.dtype(self.dtype))
     if not self.is_initializing():
       # The batch's statistics, not an average: see the module docstring.
       running_mean.value = jnp.mean(mean, axis=0)
       running_var.value = jnp.mean(var, axis=0)
-    return jnp.asarray(y, self.dtype)
-
-  def _affine(self, x, mean, var, scale, bias):
-    # One fused elementwise pass in float32: reads and writes stay in the
-    # activation dtype, and x - mean suffers no bfloat16 cancellation.
-    multiplier = jax.lax.rsqrt(var + self.epsilon) * jnp.asarray(
-        scale, jnp.float32)
-    return (x - mean) * multiplier + jnp.asarray(bias, jnp.float32)
+    return y
 
 
 def running_stats_decay(batch_size: int, bn_momentum: float,

@@ -89,6 +89,8 @@ class InceptionResNetV2(nn.Module):
     dtype: compute dtype; parameters are float32, logits float32.
     bn_fast_variance: batch norm variance in one pass (see
       GhostBatchNorm.fast_variance).
+    bn_explicit_gradient: the batch norm gradient written out rather than
+      autodiff's (see GhostBatchNorm.explicit_gradient).
     pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
       pixels / 255); see models/pixels.py.
   """
@@ -97,6 +99,7 @@ class InceptionResNetV2(nn.Module):
   bn_epsilon: float
   dtype: Dtype
   bn_fast_variance: bool = True
+  bn_explicit_gradient: bool = True
   pixel_mean: Sequence[float] | None = None
   pixel_std: Sequence[float] | None = None
 
@@ -113,7 +116,8 @@ class InceptionResNetV2(nn.Module):
     norm = functools.partial(
         GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
         use_running_average=not train, dtype=self.dtype,
-        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance)
+        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance,
+        explicit_gradient=self.bn_explicit_gradient)
     cn = functools.partial(ConvNorm, conv=conv, norm=norm)
     block = functools.partial(InceptionResNetBlock, conv=conv, norm=norm)
     max_pool = functools.partial(nn.max_pool, window_shape=(3, 3),

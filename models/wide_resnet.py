@@ -64,6 +64,8 @@ class WideResNet(nn.Module):
     dtype: compute dtype; parameters are float32, logits float32.
     bn_fast_variance: batch norm variance in one pass (see
       GhostBatchNorm.fast_variance).
+    bn_explicit_gradient: the batch norm gradient written out rather than
+      autodiff's (see GhostBatchNorm.explicit_gradient).
     pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
       pixels / 255); see models/pixels.py.
   """
@@ -75,6 +77,7 @@ class WideResNet(nn.Module):
   bn_epsilon: float
   dtype: Dtype
   bn_fast_variance: bool = True
+  bn_explicit_gradient: bool = True
   pixel_mean: Sequence[float] | None = None
   pixel_std: Sequence[float] | None = None
 
@@ -88,7 +91,8 @@ class WideResNet(nn.Module):
     norm = functools.partial(
         GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
         use_running_average=not train, dtype=self.dtype,
-        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance)
+        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance,
+        explicit_gradient=self.bn_explicit_gradient)
 
     x = model_input(images, self.pixel_mean, self.pixel_std, self.dtype)
     x = conv(self.width, (3, 3), padding=_PAD3, name="stem_conv")(x)

@@ -88,6 +88,67 @@ def test_fast_variance_of_a_constant_group_is_not_negative():
   assert np.isfinite(y).all()
 
 
+def grads_of_a_loss(x, variables, g, fast_variance, explicit_gradient,
+                    dtype=jnp.float32):
+  """Gradients in x, scale and bias of a loss that reaches the output and
+  both written statistics, with random weights so no term cancels."""
+  rng = np.random.default_rng(7)
+  w = rng.normal(size=x.shape).astype(np.float32)
+  a, b = rng.normal(size=(2, x.shape[-1])).astype(np.float32)
+  module = GhostBatchNorm(ghost_batch_size=g, use_running_average=False,
+                          dtype=dtype, epsilon=EPSILON,
+                          fast_variance=fast_variance,
+                          explicit_gradient=explicit_gradient)
+
+  def loss(params, x):
+    y, updates = module.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, x,
+        mutable=["batch_stats"])
+    stats = updates["batch_stats"]
+    return (jnp.sum(jnp.asarray(y, jnp.float32) * w)
+            + jnp.sum(stats["mean"] * a) + jnp.sum(stats["var"] * b))
+
+  return jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+
+
+@pytest.mark.parametrize("g,shape", [
+    (2, (8, 4, 4, 3)), (4, (8, 2, 3, 3)), (8, (8, 4, 4, 3)), (3, (9, 7))])
+@pytest.mark.parametrize("fast_variance", [True, False])
+def test_explicit_gradient_equals_autodiff(g, shape, fast_variance):
+  rng = np.random.default_rng(g)
+  x = (rng.normal(size=shape) * rng.uniform(0.5, 3.0, (shape[0],) + (1,) *
+                                            (len(shape) - 1))
+       + rng.normal(size=(shape[0],) + (1,) * (len(shape) - 1)))
+  x = x.astype(np.float32)
+  variables = random_variables(x, rng)
+  (params, dx), (want_params, want_dx) = (
+      grads_of_a_loss(x, variables, g, fast_variance, explicit)
+      for explicit in (True, False))
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(params[name], want_params[name], rtol=1e-4,
+                               atol=1e-4)
+  assert np.abs(dx).max() > 1e-2  # Not vacuously equal.
+
+
+def test_explicit_gradient_in_bfloat16_keeps_the_dtypes():
+  """bf16 activations (the accelerator setting): dx comes back in bf16, the
+  parameters' gradients in float32, and both near autodiff's."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(8, 4, 4, 6)) * 2 + 1, jnp.bfloat16)
+  variables = random_variables(x, rng)
+  (params, dx), (want_params, want_dx) = (
+      grads_of_a_loss(x, variables, 4, True, explicit, dtype=jnp.bfloat16)
+      for explicit in (True, False))
+  assert dx.dtype == jnp.bfloat16 and params["scale"].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(dx, np.float32),
+                             np.asarray(want_dx, np.float32),
+                             rtol=5e-2, atol=5e-2)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(params[name], want_params[name], rtol=2e-2,
+                               atol=2e-2)
+
+
 def test_micro_batches_average_to_the_full_batch():
   """What the trainer relies on: halves' stats average to the batch's."""
   rng = np.random.default_rng(0)
