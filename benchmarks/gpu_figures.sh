@@ -1,7 +1,8 @@
 #!/bin/bash
 # The performance figures that need a GPU, in one command (one lease):
-#   1. ResNet-50, bf16, 224 px, B=256: ours against the Flax-ImageNet-style
-#      reference, and each step with the other's model (--cross):
+#   1. ResNet-50, bf16, 224 px, B=256: ours (batch norm gradient written
+#      out and by autodiff) against the Flax-ImageNet-style reference, and
+#      each step with the other's model (--cross):
 #      examples/s, MFU, each step's device time per kind of operation
 #      (profiler trace) and its optimised HLO.
 #   2. The largest per-device batch of that step that fits.
@@ -51,7 +52,8 @@ part reference_step && {
   XLA_FLAGS="$dump --xla_dump_hlo_module_re=jit_(single|step)" \
   timeout 300 "$PY" benchmarks/reference_step.py --models=resnet50 \
       --image_size=224 --batch_size=256 --ghost_batch_size=32 \
-      --dtype=bfloat16 --peak_size=8192 --bn_variance=one_pass --cross \
+      --dtype=bfloat16 --peak_size=8192 --bn_gradient=explicit,autodiff \
+      --cross \
       --steps=10 --rounds=2 --profile_steps=3 \
       --ops_json="$OUT/reference_step_ops.json" 2>&1 \
       | tee "$OUT/reference_step.txt"

@@ -417,7 +417,16 @@ def main():
                  help="alternating rounds of ours and the reference")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   p.add_argument("--flops_child", default="", help=argparse.SUPPRESS)
+  p.add_argument("--from_ops_json", default="",
+                 help="print the profile tables of an --ops_json file "
+                      "(.json or .json.gz) instead of measuring")
   a = p.parse_args()
+  if a.from_ops_json:
+    import gzip
+    opener = gzip.open if a.from_ops_json.endswith(".gz") else open
+    with opener(a.from_ops_json, "rt") as f:
+      print_profiles(json.load(f), a.top_ops)
+    return
   if a.child:
     print(json.dumps(measure(a.child, a)))
     return
@@ -459,18 +468,33 @@ def main():
 
 def print_profiles(rows, top: int):
   """Per model: device ms per step by kind of operation, one column per
-  trainer, then each trainer's `top` operations."""
+  trainer; then by family of operations (fusions of the same kind), the
+  `top` families by their largest difference between trainers; then each
+  trainer's `top` operations."""
   from benchmarks import trace_ops
   for model in dict.fromkeys(r["model"] for r in rows):
     mine = [r for r in rows if r["model"] == model]
+    header = "".join(f" {r['trainer']:>20}" for r in mine)
     kinds = {r["trainer"]: trace_ops.by_category(r["ops"]) for r in mine}
     print(f"\n{model}: device ms per step (profiler trace)")
-    print(f"{'operations':<36}" + "".join(f" {r['trainer']:>20}" for r in mine))
+    print(f"{'operations':<36}" + header)
     for label, _ in (*trace_ops.CATEGORIES, ("total", None)):
       values = [sum(kinds[r["trainer"]].values()) if label == "total"
                 else kinds[r["trainer"]].get(label, 0.0) for r in mine]
       if any(values):
         print(f"{label:<36}" + "".join(f" {v:20.2f}" for v in values))
+    families = {r["trainer"]: trace_ops.by_family(r["ops"]) for r in mine}
+    names = set().union(*families.values())
+    spread = lambda name: (max(f.get(name, (0, 0))[0] for f in families.values())
+                           - min(f.get(name, (0, 0))[0]
+                                 for f in families.values()))
+    print(f"\n{model}: ms per step (operations) by family, the {top} "
+          f"families that differ most")
+    print(f"{'family':<36}" + header)
+    for name in sorted(names, key=lambda n: -spread(n))[:top]:
+      cells = (families[r["trainer"]].get(name, (0.0, 0)) for r in mine)
+      print(f"{name[:36]:<36}" + "".join(f" {ms:14.2f} ({n:>3})"
+                                         for ms, n in cells))
     for r in mine:
       print(f"{r['trainer']}: top {top} operations, ms per step")
       for op, ms in sorted(r["ops"].items(), key=lambda x: -x[1])[:top]:

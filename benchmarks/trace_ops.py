@@ -2,7 +2,7 @@
 
 `trace(fn, steps)` runs `fn` `steps` times under `jax.profiler.trace` and
 returns {operation: milliseconds per run}; `by_category` sums those into
-the kinds of `CATEGORIES`. Operations are named by the trace's `hlo_op`
+the kinds of `CATEGORIES`, `by_family` by operation name less its number. Operations are named by the trace's `hlo_op`
 statistic where it has one (the HLO instruction, e.g. "fusion.12",
 "cudnn-conv.3"), else by the event's name (e.g. a GPU kernel's).
 
@@ -47,6 +47,19 @@ def by_category(ops: dict[str, float]) -> dict[str, float]:
   for name, ms in ops.items():
     totals[category(name)] += ms
   return dict(totals)
+
+
+def by_family(ops: dict[str, float]) -> dict[str, tuple[float, int]]:
+  """{family: (milliseconds, operations)}, a family being an operation's
+  name without XLA's numeric suffix ("input_reduce_fusion.12" ->
+  "input_reduce_fusion"): how two programs' fusions compare when their
+  numbering differs."""
+  totals, counts = collections.Counter(), collections.Counter()
+  for name, ms in ops.items():
+    family = re.sub(r"\.\d+$", "", name)
+    totals[family] += ms
+    counts[family] += 1
+  return {family: (totals[family], counts[family]) for family in totals}
 
 
 def op_milliseconds(trace_dir: str) -> dict[str, float]:

@@ -86,6 +86,8 @@ def _ghost_normalize_explicit(x, scale, bias, g, epsilon, fast_variance,
 
 
 def _forward(x, scale, bias, g, epsilon, fast_variance, dtype):
+  # symbolic_zeros=True below: the primals come wrapped (`.value`).
+  x, scale, bias = x.value, scale.value, bias.value
   out = _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype)
   _, mean, var = out
   return out, (x, scale, mean, jax.lax.rsqrt(var + epsilon))
@@ -95,33 +97,39 @@ def _backward(g, epsilon, fast_variance, dtype, residuals, cotangents):
   """The gradient of batch norm in one reduction pass and one elementwise
   pass over the activations: with x̂ = (x - mean) * rstd and n values per
   group, dx = scale * rstd * (dy - mean(dy) - x̂ * mean(dy * x̂)) per group,
-  plus the terms of the statistics' own cotangents (zero when only the
-  output reaches the loss). Autodiff of the forward pass gives the same
-  values; XLA:GPU spreads its reductions over more passes."""
+  plus the terms of the statistics' own cotangents when they have any (in
+  training only the output reaches the loss, so they are symbolic zeros and
+  cost nothing). Autodiff of the forward pass gives the same values;
+  XLA:GPU spread its reductions over more passes."""
   del epsilon, fast_variance, dtype  # Same function of x in every case.
   x, scale, mean, rstd = residuals
-  dy, dmean, dvar = cotangents
+  dy, dmean, dvar = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
+                     else c for c in cotangents)
   ndim = x.ndim
-  x32 = jnp.asarray(x, jnp.float32)
-  dy32 = jnp.asarray(dy, jnp.float32)
-  centred = x32 - _per_example(mean, g, ndim)
-  x_hat = centred * _per_example(rstd, g, ndim)
-  mean_dy = _group_mean(dy32, g)
-  mean_dy_x_hat = _group_mean(dy32 * x_hat, g)
   count = g * math.prod(x.shape[1:-1])
-  scale32 = jnp.asarray(scale, jnp.float32)
-  dx = (_per_example(rstd * scale32, g, ndim)
-        * (dy32 - _per_example(mean_dy, g, ndim)
-           - x_hat * _per_example(mean_dy_x_hat, g, ndim))
-        + _per_example(dmean / count, g, ndim)
-        + centred * _per_example(2.0 * dvar / count, g, ndim))
-  dscale = jnp.sum(mean_dy_x_hat, axis=0) * count
-  dbias = jnp.sum(mean_dy, axis=0) * count
+  x32 = jnp.asarray(x, jnp.float32)
+  centred = x32 - _per_example(mean, g, ndim)
+  dx = jnp.zeros_like(x32)
+  dscale = dbias = jnp.zeros(scale.shape, jnp.float32)
+  if dy is not None:
+    dy32 = jnp.asarray(dy, jnp.float32)
+    x_hat = centred * _per_example(rstd, g, ndim)
+    mean_dy = _group_mean(dy32, g)
+    mean_dy_x_hat = _group_mean(dy32 * x_hat, g)
+    dx = (_per_example(rstd * jnp.asarray(scale, jnp.float32), g, ndim)
+          * (dy32 - _per_example(mean_dy, g, ndim)
+             - x_hat * _per_example(mean_dy_x_hat, g, ndim)))
+    dscale = jnp.sum(mean_dy_x_hat, axis=0) * count
+    dbias = jnp.sum(mean_dy, axis=0) * count
+  if dmean is not None:  # mean = sum(x) / n per group.
+    dx = dx + _per_example(dmean / count, g, ndim)
+  if dvar is not None:  # var = sum((x - mean)²) / n; the mean's term is 0.
+    dx = dx + centred * _per_example(2.0 * dvar / count, g, ndim)
   return (jnp.asarray(dx, x.dtype), jnp.asarray(dscale, scale.dtype),
           jnp.asarray(dbias, scale.dtype))
 
 
-_ghost_normalize_explicit.defvjp(_forward, _backward)
+_ghost_normalize_explicit.defvjp(_forward, _backward, symbolic_zeros=True)
 
 
 class GhostBatchNorm(nn.Module):

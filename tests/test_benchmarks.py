@@ -23,10 +23,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     ("ncclDevKernel_AllReduce_Sum_f32", "all-reduce"),
     ("transpose_copy_fusion.22", "transpose / copy"),
     ("input_reduce_fusion_2", "reduction"),
+    # XLA:GPU names fusions after their ops: a convert is not a convolution.
+    ("input_convert_reduce_fusion.49", "reduction"),
+    ("loop_convert_fusion.3", "other fusion / elementwise"),
     ("loop_multiply_fusion", "other fusion / elementwise"),
 ])
 def test_operation_categories(name, want):
   assert trace_ops.category(name) == want
+
+
+def test_operation_families_drop_the_number():
+  ops = {"input_reduce_fusion.12": 1.0, "input_reduce_fusion.3": 0.5,
+         "input_reduce_fusion": 0.25, "cudnn-conv.7": 2.0,
+         "input_reduce_select_fusion.1": 4.0}
+  assert trace_ops.by_family(ops) == {
+      "input_reduce_fusion": (1.75, 3), "cudnn-conv": (2.0, 1),
+      "input_reduce_select_fusion": (4.0, 1)}
 
 
 def test_trace_times_the_operations_of_a_jitted_function():

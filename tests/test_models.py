@@ -201,20 +201,23 @@ def test_bad_ghost_batch_size_is_rejected(ghost_batch_size):
 @pytest.mark.parametrize("name,image_shape", [
     ("small_resnet", (28, 28, 1)), ("wide_resnet", (32, 32, 3)),
     ("resnet50", (64, 64, 3)), ("inception_resnet_v2", (75, 75, 3))])
-@pytest.mark.parametrize("fast_variance", [True, False])
-def test_bn_fast_variance_reaches_every_norm(name, image_shape, fast_variance):
-  model = models.create_model(
-      make_config(name, bn_fast_variance=fast_variance))
+@pytest.mark.parametrize("field,attribute", [
+    ("bn_fast_variance", "fast_variance"),
+    ("bn_explicit_gradient", "explicit_gradient")])
+@pytest.mark.parametrize("value", [True, False])
+def test_batch_norm_settings_reach_every_norm(name, image_shape, field,
+                                              attribute, value):
+  model = models.create_model(make_config(name, **{field: value}))
   seen = []
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, models.GhostBatchNorm):
-      seen.append(context.module.fast_variance)
+      seen.append(getattr(context.module, attribute))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
     shapes(model, image_shape)
-  assert seen and set(seen) == {fast_variance}
+  assert seen and set(seen) == {value}
 
 
 def test_model_input_maps_pixels_to_standard_units():
