@@ -8,7 +8,8 @@ batch, same mesh; plus model-FLOPs utilisation.
         [--cross] [--profile_steps=3] [--ops_json=ops.json]
 
 On one GPU, the figure the performance issue asks for (bf16, 224 px;
-`benchmarks/gpu_figures.sh` runs it with both variances and a profile):
+`benchmarks/gpu_figures.sh` runs it with both batch norm gradients,
+`--cross` and a profile):
 
     JAX_PLATFORMS=cuda python benchmarks/reference_step.py --models=resnet50 \
         --image_size=224 --batch_size=256 --ghost_batch_size=32 \
@@ -24,7 +25,9 @@ config and batch (host accumulation, one micro-batch: per-device gradients
 in a shard_map, then the all-reduce and update): ghost batch norm, running
 statistics at a per-example rate, momentum and ε as runtime scalars, the
 noise-scale norms. Both get the same random batch of uint8 pixels, already
-on the devices, and normalise it as their first operation.
+on the devices, and normalise it as their first operation. `--cross` adds
+each step with the other's model, which tells a gap in the model from one in
+the step around it.
 
 FLOPs per step come from XLA's cost analysis of the unpartitioned step
 (`Lowered.cost_analysis()`; a GPU backend has none, and the compiled GPU
@@ -135,11 +138,7 @@ def build(name, args, compile_steps: bool = True) -> dict:
   model `name` (with --cross, each step with the other's model too), their
   states, a random batch on the devices and the step scalars; the steps are
   compiled only if `compile_steps`."""
-  import flax
-  import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
 
   import models
   from benchmarks import common
@@ -150,11 +149,9 @@ def build(name, args, compile_steps: bool = True) -> dict:
 
   config = load(name, args)
   mesh = mesh_lib.make_mesh()
-  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   d, b = config.dataset, args.batch_size
   batch = mesh_lib.global_batch(
       common.random_batch(np.random.default_rng(0), d, b), mesh)
-  abstract = compile_lib.abstract
 
   def ours_step(model):
     """Our step for `model`: (tx, compiled step or None, state)."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import trace_ops
+from benchmarks import reference_step, trace_ops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,39 @@ def test_trace_times_the_operations_of_a_jitted_function():
   assert not any(name.startswith("$") or "::" in name for name in ops)
   kinds = trace_ops.by_category(ops)
   assert sum(kinds.values()) == pytest.approx(sum(ops.values()))
+
+
+def test_reference_step_rejects_an_unknown_choice():
+  assert reference_step._choices("one_pass,two_pass",
+                                 reference_step.BN_VARIANCES,
+                                 "--bn_variance") == ["one_pass", "two_pass"]
+  with pytest.raises(SystemExit,
+                     match="unknown --bn_gradient 'manual'; choose from "
+                           "explicit, autodiff"):
+    reference_step._choices("explicit,manual", reference_step.BN_GRADIENTS,
+                            "--bn_gradient")
+
+
+def test_reference_step_prints_a_saved_profile(tmp_path, capsys):
+  """--from_ops_json: the tables come back from a saved (gzipped) file, the
+  families sorted by how much the trainers differ."""
+  import gzip
+  import json
+  rows = [dict(model="resnet50", trainer="ours",
+               ops={"cudnn-conv.1": 2.0, "loop_select_fusion.3": 1.5,
+                    "loop_select_fusion.4": 0.5}),
+          dict(model="resnet50", trainer="reference",
+               ops={"cudnn-conv.2": 2.0, "input_reduce_fusion": 0.25})]
+  path = tmp_path / "ops.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump(rows, f)
+  reference_step.print_profiles(json.load(gzip.open(path, "rt")), top=2)
+  out = capsys.readouterr().out
+  assert "convolution" in out and "total" in out
+  families = [" ".join(line.replace("(", "( ").split()) for line in
+              out.split("families that differ most")[1].splitlines()[2:4]]
+  assert families == ["loop_select_fusion 2.00 ( 2) 0.00 ( 0)",
+                      "input_reduce_fusion 0.00 ( 0) 0.25 ( 1)"]
 
 
 def test_gpu_figures_script_passes_shellcheck():
