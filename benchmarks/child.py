@@ -16,12 +16,15 @@ import sys
 def run(script: str, child_argument: str, devices, what: str,
         xla_flags: str = "", platforms: str | None = None):
   """What `script` re-run with `child_argument` on `devices` virtual CPU
-  devices (and `xla_flags`, after this process's XLA_FLAGS) prints as its
-  last line, as JSON; exits with the child's stderr tail if it fails.
-  JAX_PLATFORMS is `platforms`, or this process's (default cpu)."""
+  devices (and `xla_flags`) prints as its last line, as JSON; exits with the
+  child's stderr tail if it fails. The child keeps this process's XLA_FLAGS,
+  placed first so that `devices` and `xla_flags` win over them (XLA takes
+  the last of a repeated flag). JAX_PLATFORMS is `platforms`, or this
+  process's (default cpu)."""
   env = dict(os.environ,
-             XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
-                        f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}"),
+             XLA_FLAGS=(f"{os.environ.get('XLA_FLAGS', '')} "
+                        f"--xla_force_host_platform_device_count={devices} "
+                        f"{xla_flags}"),
              JAX_PLATFORMS=platforms or os.environ.get("JAX_PLATFORMS", "cpu"))
   out = subprocess.run([sys.executable, script, child_argument, *sys.argv[1:]],
                        env=env, capture_output=True, text=True)

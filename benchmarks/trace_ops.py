@@ -2,9 +2,10 @@
 
 `trace(fn, steps)` runs `fn` `steps` times under `jax.profiler.trace` and
 returns {operation: milliseconds per run}; `by_category` sums those into
-the kinds of `CATEGORIES`, `by_family` by operation name less its number. Operations are named by the trace's `hlo_op`
-statistic where it has one (the HLO instruction, e.g. "fusion.12",
-"cudnn-conv.3"), else by the event's name (e.g. a GPU kernel's).
+the kinds of `CATEGORIES`, `by_family` by operation name less its number.
+Operations are named by the trace's `hlo_op` statistic where it has one
+(the HLO instruction, e.g. "fusion.12", "cudnn-conv.3"), else by the
+event's name (e.g. a GPU kernel's).
 
 Where the trace has device planes ("/device:GPU:0"), their events are the
 kernels as the device ran them: a plane's derived "XLA Ops" line when it

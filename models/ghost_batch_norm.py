@@ -43,8 +43,13 @@ def _group_mean(values: jax.Array, g: int) -> jax.Array:
   [B/g, g, ..., C] view of it, let XLA:GPU fuse the backward pass closer to
   the way it fuses a plain batch norm's (docs/results/benchmarks/h100/)."""
   sums = jnp.sum(values, axis=tuple(range(1, values.ndim - 1)))
-  count = g * math.prod(values.shape[1:-1])
-  return jnp.sum(sums.reshape(-1, g, sums.shape[-1]), axis=1) / count
+  return (jnp.sum(sums.reshape(-1, g, sums.shape[-1]), axis=1)
+          / _group_count(values.shape, g))
+
+
+def _group_count(shape, g: int) -> int:
+  """Values per channel in a group of g examples of `shape` [B, ..., C]."""
+  return g * math.prod(shape[1:-1])
 
 
 def _per_example(stat: jax.Array, g: int, ndim: int) -> jax.Array:
@@ -67,15 +72,24 @@ def _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype):
   """
   x32 = jnp.asarray(x, jnp.float32)
   mean = _group_mean(x32, g)
+  example_mean = _per_example(mean, g, x.ndim)
   if fast_variance:
     var = jnp.maximum(_group_mean(jnp.square(x32), g) - jnp.square(mean), 0.0)
   else:
-    var = _group_mean(jnp.square(x32 - _per_example(mean, g, x.ndim)), g)
-  multiplier = jax.lax.rsqrt(var + epsilon) * jnp.asarray(scale, jnp.float32)
-  y = ((x32 - _per_example(mean, g, x.ndim)) * _per_example(multiplier, g,
-                                                            x.ndim)
-       + jnp.asarray(bias, jnp.float32))
+    var = _group_mean(jnp.square(x32 - example_mean), g)
+  y = _affine(x32, example_mean, _per_example(var, g, x.ndim), scale, bias,
+              epsilon)
   return jnp.asarray(y, dtype), mean, var
+
+
+def _affine(x32, mean, var, scale, bias, epsilon):
+  """(x - mean) / sqrt(var + epsilon) * scale + bias in float32, `mean` and
+  `var` broadcasting against `x32` (the groups' in training, the running
+  averages in evaluation): one fused elementwise pass whose reads and
+  writes stay in the activations' dtype, and x - mean suffers no bfloat16
+  cancellation."""
+  multiplier = jax.lax.rsqrt(var + epsilon) * jnp.asarray(scale, jnp.float32)
+  return (x32 - mean) * multiplier + jnp.asarray(bias, jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -106,7 +120,7 @@ def _backward(g, epsilon, fast_variance, dtype, residuals, cotangents):
   dy, dmean, dvar = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
                      else c for c in cotangents)
   ndim = x.ndim
-  count = g * math.prod(x.shape[1:-1])
+  count = _group_count(x.shape, g)
   x32 = jnp.asarray(x, jnp.float32)
   centred = x32 - _per_example(mean, g, ndim)
   dx = jnp.zeros_like(x32)
@@ -176,10 +190,8 @@ class GhostBatchNorm(nn.Module):
                       self.param_dtype)
 
     if self.use_running_average:
-      multiplier = jax.lax.rsqrt(running_var.value + self.epsilon) * (
-          jnp.asarray(scale, jnp.float32))
-      y = ((jnp.asarray(x, jnp.float32) - running_mean.value) * multiplier
-           + jnp.asarray(bias, jnp.float32))
+      y = _affine(jnp.asarray(x, jnp.float32), running_mean.value,
+                  running_var.value, scale, bias, self.epsilon)
       return jnp.asarray(y, self.dtype)
 
     g = self.ghost_batch_size

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import reference_step, trace_ops
+from benchmarks import child, reference_step, trace_ops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -85,6 +85,20 @@ def test_reference_step_prints_a_saved_profile(tmp_path, capsys):
               out.split("families that differ most")[1].splitlines()[2:4]]
   assert families == ["loop_select_fusion 2.00 ( 2) 0.00 ( 0)",
                       "input_reduce_fusion 0.00 ( 0) 0.25 ( 1)"]
+
+
+def test_child_keeps_the_parents_xla_flags_but_its_own_device_count(
+    tmp_path, monkeypatch):
+  script = tmp_path / "devices.py"
+  script.write_text("import json, os, jax\n"
+                    "print(json.dumps([jax.device_count(),\n"
+                    "                  os.environ['XLA_FLAGS']]))\n")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2"
+                     " --xla_cpu_enable_fast_math=false")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  devices, flags = child.run(str(script), "--child", 3, "a test child")
+  assert devices == 3
+  assert "--xla_cpu_enable_fast_math=false" in flags
 
 
 def test_gpu_figures_script_passes_shellcheck():
