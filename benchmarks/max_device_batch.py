@@ -8,8 +8,9 @@ micro-batch, on a mesh of the first device alone) from `--start` until
 compiling or running it fails for lack of memory, or `--limit` is reached,
 then bisects `--refine` times between the largest size that ran and the
 first that did not (in multiples of the ghost batch). Prints each size's
-examples/s and XLA's estimate of the step's device memory (arguments +
-outputs + temporaries - donated), and the largest size that ran.
+examples/s and XLA's estimate of the device memory of the function that
+runs the model (arguments + outputs + temporaries - donated), and the
+largest size that ran.
 `max_device_batch` at or below it lets gradient accumulation run any
 stage's batch. `--time_limit` stops before a size that would start past it.
 """
@@ -81,7 +82,7 @@ def main():
           weight_average=False)
       step = compiler.get(b)
       compiler.close()
-      gib = step_gib(step.compiled)
+      gib = step_gib(step.model_executable)
       state, seconds = common.seconds_per_step(
           step, state, common.random_batch(rng, config.dataset, b), hyper,
           a.steps)
@@ -96,23 +97,37 @@ def main():
     return True
 
   start = time.perf_counter()
-  largest, failed, b = None, None, a.start
-  while b <= a.limit and time.perf_counter() - start < a.time_limit:
+  largest, failed = largest_that_fits(
+      fits, start=a.start, limit=a.limit, refine=a.refine,
+      multiple=a.ghost_batch_size,
+      out_of_time=lambda: time.perf_counter() - start >= a.time_limit)
+  print(f"largest per-device batch that ran: {largest}"
+        + (f" (first that did not: {failed})" if failed else ""))
+
+
+def largest_that_fits(fits, *, start: int, limit: int, refine: int,
+                      multiple: int, out_of_time=lambda: False):
+  """(largest size that fit, first that did not, or None for either).
+
+  Doubles from `start` while `fits(size)` and size <= `limit`, then bisects
+  `refine` times between the two, in multiples of `multiple`. No size is
+  tried once `out_of_time()`.
+  """
+  largest, failed, b = None, None, start
+  while b <= limit and not out_of_time():
     if not fits(b):
       failed = b
       break
     largest, b = b, 2 * b
-  g = a.ghost_batch_size
-  for _ in range(a.refine if largest and failed else 0):
-    b = (largest + failed) // 2 // g * g
-    if b <= largest or time.perf_counter() - start >= a.time_limit:
+  for _ in range(refine if largest and failed else 0):
+    b = (largest + failed) // 2 // multiple * multiple
+    if b <= largest or out_of_time():
       break
     if fits(b):
       largest = b
     else:
       failed = b
-  print(f"largest per-device batch that ran: {largest}"
-        + (f" (first that did not: {failed})" if failed else ""))
+  return largest, failed
 
 
 def step_gib(compiled) -> float:

@@ -1,4 +1,5 @@
-"""The benchmarks' own helpers: trace parsing and the GPU script."""
+"""The benchmarks' own helpers: trace parsing, the batch search, the GPU
+script."""
 import pathlib
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import child, reference_step, trace_ops
+from benchmarks import child, max_device_batch, reference_step, trace_ops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -108,3 +109,29 @@ def test_gpu_figures_script_passes_shellcheck():
   r = subprocess.run([shellcheck, str(ROOT / "benchmarks/gpu_figures.sh")],
                      capture_output=True, text=True, check=False)
   assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("capacity,refine,time_left,want,tried", [
+    # Doubles 32..256, 512 fails, then bisects toward 300 in steps of 32.
+    (300, 0, 99, (256, 512), [32, 64, 128, 256, 512]),
+    (300, 1, 99, (256, 384), [32, 64, 128, 256, 512, 384]),
+    (300, 3, 99, (288, 320), [32, 64, 128, 256, 512, 384, 320, 288]),
+    # Nothing fails below the limit: no bisection.
+    (10_000, 3, 99, (1024, None), [32, 64, 128, 256, 512, 1024]),
+    # Not even the start fits.
+    (16, 3, 99, (None, 32), [32]),
+    # Out of time after two sizes.
+    (300, 3, 2, (64, None), [32, 64]),
+])
+def test_largest_batch_search(capacity, refine, time_left, want, tried):
+  seen = []
+
+  def fits(b):
+    seen.append(b)
+    return b <= capacity
+
+  got = max_device_batch.largest_that_fits(
+      fits, start=32, limit=1024, refine=refine, multiple=32,
+      out_of_time=lambda: len(seen) >= time_left)
+  assert got == want
+  assert seen == tried

@@ -1,8 +1,11 @@
 """Checkpointer unit tests: save cadence in steps and minutes, round trip."""
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from trainer import checkpoint as checkpoint_lib
+from trainer import mesh as mesh_lib
 
 
 class FakeClock:
@@ -49,3 +52,36 @@ def test_minutes_off_means_steps_only(tmp_path):
   assert not ckpt.due(9)
   assert ckpt.due(10)
   ckpt.close()
+
+
+@pytest.mark.parametrize("written_with,read_with", [
+    (0, checkpoint_lib.MIN_SLICE_BYTES),  # A checkpoint from before the change.
+    (checkpoint_lib.MIN_SLICE_BYTES, checkpoint_lib.MIN_SLICE_BYTES),
+    (checkpoint_lib.MIN_SLICE_BYTES, 0),
+])
+def test_replicated_state_round_trips_sliced_or_whole(tmp_path, written_with,
+                                                       read_with):
+  # Replicated on the 8 test devices: the large array's slices (1 MiB per
+  # replica) reach MIN_SLICE_BYTES, the small ones' do not.
+  replicated = mesh_lib.replicated(mesh_lib.make_mesh())
+  rng = np.random.default_rng(0)
+  state = jax.device_put(dict(
+      large=rng.normal(size=(8, 1 << 18)).astype(np.float32),
+      small=rng.normal(size=(3, 5)).astype(np.float32),
+      step=np.int32(7)), replicated)
+  assert state["large"].nbytes // 8 == checkpoint_lib.MIN_SLICE_BYTES
+  checkpoints = checkpoint_lib.Checkpointer(
+      str(tmp_path), every_steps=10, every_minutes=0.0, max_to_keep=2,
+      min_slice_bytes=written_with)
+  checkpoints.save(3, state, dict(examples_seen=96))
+  checkpoints.close()
+  checkpoints = checkpoint_lib.Checkpointer(
+      str(tmp_path), every_steps=10, every_minutes=0.0, max_to_keep=2,
+      min_slice_bytes=read_with)
+  restored, meta = checkpoints.restore(jax.tree_util.tree_map(jnp.zeros_like,
+                                                              state))
+  checkpoints.close()
+  assert meta == dict(examples_seen=96)
+  for key, value in state.items():
+    np.testing.assert_array_equal(restored[key], value)
+    assert restored[key].sharding.is_equivalent_to(replicated, value.ndim)

@@ -141,8 +141,10 @@ def test_micro_batches_on_eight_devices_match(reference):
   assert_same_training(reference, result)
 
 
+# 8 devices: 8 per device is one micro-batch of the shared accumulate
+# executable at max_device_batch=8, and the composed single step below it.
 @pytest.mark.parametrize("devices,max_device_batch,k",
-                         [(1, 16, 4), (2, 8, 4), (8, 8, 1)])
+                         [(1, 16, 4), (2, 8, 4), (8, 8, 1), (8, 16, 1)])
 def test_host_accumulation_matches_whole_batch(reference, devices,
                                                max_device_batch, k):
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
@@ -159,16 +161,19 @@ def test_host_accumulation_compiles_once_per_micro_batch_size():
                                     momentum=0.9)
   state = loop.create_train_state(config, model, tx, mesh, seed=0)
   compiled = {}
-  compiler = host_compiler(mesh, model, tx, state, max_device_batch=8,
+  compiler = host_compiler(mesh, model, tx, state, max_device_batch=16,
                            compiled=compiled)
-  # 64 fits in one micro-batch of 8 per device (a fused step); 128, 256 and
-  # 512 all run micro-batches of 8 per device: one more compile, not three.
+  # 64 is 8 per device, below max_device_batch: one composed step. 128 is
+  # one micro-batch of 16 per device, 256 and 512 two and four: all three
+  # share one compile of init/accumulate/apply.
   compiler.start([64, 128, 256])
   steps = {b: compiler.get(b) for b in (64, 128, 256, 512)}
-  assert compiled == {64: 1, 128: 2}
+  assert compiled == {64: 1, 128: 1}
   assert isinstance(steps[64], compile_lib.FusedStep)
   assert all(isinstance(steps[b], compile_lib.AccumulatingStep)
              for b in (128, 256, 512))
+  assert (steps[128].model_executable is steps[512].model_executable
+          is not steps[64].model_executable)
   functions = compiler.compile_accumulation(256)
   # Micro-batches accumulate on their own device; only the update reduces.
   assert "all-reduce" not in functions["accumulate"].as_text()

@@ -76,14 +76,20 @@ class FusedStep:
   def __init__(self, compiled, mesh):
     self.compiled, self._mesh = compiled, mesh
 
+  @property
+  def model_executable(self):
+    """The executable that runs the model (what bounds device memory)."""
+    return self.compiled
+
   def __call__(self, state, local_batch, hyper):
     return self.compiled(state, mesh_lib.global_batch(local_batch, self._mesh),
                          hyper)
 
 
 class AccumulatingStep:
-  """A stage's update as k > 1 `accumulate_step` calls and one `apply_step`
-  (one micro-batch runs as the composed "single" step instead).
+  """A stage's update as k >= 1 `accumulate_step` calls and one `apply_step`
+  (a per-device batch below `max_device_batch` runs as the composed
+  "single" step instead).
 
   Micro-batch j takes rows j·m:(j+1)·m of every device's share of the
   batch (m examples per device), as `step._split_micro_batches` does, so
@@ -96,6 +102,11 @@ class AccumulatingStep:
     self._init, self._accumulate, self._apply = init, accumulate, apply
     self._k_scalar = jax.device_put(np.float32(micro_batches),
                                     mesh_lib.replicated(mesh))
+
+  @property
+  def model_executable(self):
+    """The executable that runs the model (what bounds device memory)."""
+    return self._accumulate
 
   def _micro_batch(self, local_batch, j):
     out = {}
@@ -135,7 +146,9 @@ class StepCompiler:
   yield the per-device gradient norms of the noise scale): batch sizes that
   need no micro-batching get the two composed into one function each; the
   others share one accumulate/apply pair per per-device micro-batch size, so
-  every stage past `max_device_batch` reuses it.
+  every stage whose per-device batch reaches `max_device_batch` reuses it,
+  the stage at exactly `max_device_batch` (k = 1) included: a stage switch
+  between such stages runs executables that have already run.
   """
 
   def __init__(self, *, mesh, model, tx, abstract_state, image_shape,
@@ -222,10 +235,10 @@ class StepCompiler:
   def compile_accumulation(self, batch_size: int):
     """Compiles the host-accumulation functions for `batch_size` (blocking).
 
-    With k > 1 micro-batches: `init`, `accumulate` (one micro-batch of
-    `batch_size`'s per-device size) and `apply`, shared by every batch size
-    with that micro-batch size. With k = 1: `single`, the three composed
-    into one function for this batch size. Returns a dict of them.
+    Where the per-device batch reaches `max_device_batch` (k >= 1
+    micro-batches of it): `init`, `accumulate` (one micro-batch) and
+    `apply`, shared by every such batch size. Below it: `single`, the three
+    composed into one function for this batch size. Returns a dict of them.
     """
     n = self._mesh.size
     k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
@@ -251,8 +264,10 @@ class StepCompiler:
         out_specs=P(mesh_lib.DATA_AXIS), check_vma=False)
     data = mesh_lib.batch_sharding(self._mesh)
     apply = functools.partial(step_lib.apply_step, tx=self._tx)
-    if k == 1:
-      # One micro-batch: the three as one function (one dispatch per step).
+    if self._key(batch_size)[0] == "single":
+      # Below max_device_batch no other batch size shares the executables:
+      # the three as one function (one dispatch per step, and XLA may
+      # overlap the gradients' all-reduce with the backward pass).
       def single(state, batch, hyper):
         return apply(state, accumulate(init(state), state, batch),
                      dict(hyper, micro_batches=jnp.float32(1.0)))
@@ -283,14 +298,16 @@ class StepCompiler:
 
   def _key(self, batch_size):
     """What is compiled for `batch_size`: a fused step for the batch size,
-    or (host accumulation of k > 1 micro-batches) the micro-batch size."""
+    or (host accumulation at or past `max_device_batch`) the micro-batch
+    size."""
     n = self._mesh.size
     k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
     if self.accumulation == "compiled":
       return ("fused", batch_size)
-    if k == 1:
+    m = batch_size // n // k
+    if m < self._max_device_batch:
       return ("single", batch_size)
-    return ("micro", batch_size // n // k)
+    return ("micro", m)
 
   _FUNCTIONS = dict(fused=("step",), single=("single",),
                     micro=("init", "accumulate", "apply"))
