@@ -143,12 +143,11 @@ class StepCompiler:
   `accumulation="compiled"` compiles `step.train_step` once per distinct
   batch size (micro-batches looped inside it). `accumulation="host"` builds
   every step from `step.accumulate_step` and `step.apply_step` (which also
-  yield the per-device gradient norms of the noise scale): batch sizes that
-  need no micro-batching get the two composed into one function each; the
-  others share one accumulate/apply pair per per-device micro-batch size, so
-  every stage whose per-device batch reaches `max_device_batch` reuses it,
-  the stage at exactly `max_device_batch` (k = 1) included: a stage switch
-  between such stages runs executables that have already run.
+  yield the per-device gradient norms of the noise scale): batch sizes whose
+  per-device share is below `max_device_batch` get the two composed into one
+  function each; every batch size whose share reaches it, the one at exactly
+  `max_device_batch` (k = 1) included, shares one accumulate/apply pair, so a
+  stage switch between such stages runs executables that have already run.
   """
 
   def __init__(self, *, mesh, model, tx, abstract_state, image_shape,
