@@ -16,12 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.ghost_batch_norm import GhostBatchNorm
-from models.pixels import model_input
-from models.resnet import conv_kernel_init
+from models.ghost_norm_model import GhostNormModel
 
 ModuleDef = Any
-Dtype = Any
 
 MIN_IMAGE_SIZE = 75  # Smaller inputs vanish in the valid convs and pools.
 
@@ -79,29 +76,9 @@ BLOCK8 = (((192, (1, 1)),),
           ((192, (1, 1)), (224, (1, 3)), (256, (3, 1))))
 
 
-class InceptionResNetV2(nn.Module):
-  """Inception-ResNet-V2 whose batch norms all use ghost batches.
-
-  Attributes:
-    num_classes: size of the logits.
-    ghost_batch_size: examples per batch norm group in training.
-    bn_epsilon: batch norm epsilon.
-    dtype: compute dtype; parameters are float32, logits float32.
-    bn_fast_variance: batch norm variance in one pass (see
-      GhostBatchNorm.fast_variance).
-    bn_explicit_gradient: the batch norm gradient written out rather than
-      autodiff's (see GhostBatchNorm.explicit_gradient).
-    pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
-      pixels / 255); see models/pixels.py.
-  """
-  num_classes: int
-  ghost_batch_size: int
-  bn_epsilon: float
-  dtype: Dtype
-  bn_fast_variance: bool = True
-  bn_explicit_gradient: bool = True
-  pixel_mean: Sequence[float] | None = None
-  pixel_std: Sequence[float] | None = None
+class InceptionResNetV2(GhostNormModel):
+  """Inception-ResNet-V2 whose batch norms all use ghost batches (its
+  attributes are GhostNormModel's)."""
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -110,20 +87,13 @@ class InceptionResNetV2(nn.Module):
       raise ValueError(
           f"inception_resnet_v2 needs images of at least {MIN_IMAGE_SIZE} "
           f"pixels a side, got {images.shape[1]}x{images.shape[2]}")
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=conv_kernel_init)
-    norm = functools.partial(
-        GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
-        use_running_average=not train, dtype=self.dtype,
-        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance,
-        explicit_gradient=self.bn_explicit_gradient)
+    conv, norm = self.conv(), self.norm(train)
     cn = functools.partial(ConvNorm, conv=conv, norm=norm)
     block = functools.partial(InceptionResNetBlock, conv=conv, norm=norm)
     max_pool = functools.partial(nn.max_pool, window_shape=(3, 3),
                                  strides=(2, 2), padding="VALID")
 
-    x = model_input(images, self.pixel_mean, self.pixel_std, self.dtype)
+    x = self.inputs(images)
     # Stem: 299 -> 35x35x192.
     x = cn(32, (3, 3), strides=2, padding="VALID")(x)
     x = cn(32, (3, 3), padding="VALID")(x)
@@ -167,6 +137,4 @@ class InceptionResNetV2(nn.Module):
     x = block(BLOCK8, 1.0, relu=False)(x)
 
     x = cn(1536, (1, 1))(x)
-    x = jnp.mean(jnp.asarray(x, jnp.float32), axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=jnp.float32,
-                    param_dtype=jnp.float32, name="head")(x)
+    return self.logits(x)

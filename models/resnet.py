@@ -13,16 +13,10 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from models.ghost_batch_norm import GhostBatchNorm
-from models.pixels import model_input
+from models.ghost_norm_model import GhostNormModel
 
 ModuleDef = Any
-Dtype = Any
-
-# He init for ReLU networks, as torchvision's kaiming_normal_(mode='fan_out').
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 STEMS = ("imagenet", "small")
 
@@ -85,56 +79,30 @@ def _last_scale_init(zero_init_residual: bool):
   return nn.initializers.zeros if zero_init_residual else nn.initializers.ones
 
 
-class ResNet(nn.Module):
+class ResNet(GhostNormModel):
   """A ResNet v1 whose batch norms all use ghost batches.
 
-  Attributes:
+  Attributes (besides GhostNormModel's):
     stage_sizes: blocks per stage; stage i has width * 2**i filters and
       stages after the first start with a stride-2 block.
     block_cls: BasicBlock or BottleneckBlock.
-    num_classes: size of the logits.
     width: filters of the stem and of the first stage.
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max pool) or 'small' (3x3/1 conv).
-    ghost_batch_size: examples per batch norm group in training.
-    bn_epsilon: batch norm epsilon.
     zero_init_residual: zero scale on the last norm of each residual branch.
-    dtype: compute dtype; parameters are float32, logits float32.
-    bn_fast_variance: batch norm variance in one pass (see
-      GhostBatchNorm.fast_variance).
-    bn_explicit_gradient: the batch norm gradient written out rather than
-      autodiff's (see GhostBatchNorm.explicit_gradient).
-    pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
-      pixels / 255); see models/pixels.py.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
-  num_classes: int
   width: int
   stem: str
-  ghost_batch_size: int
-  bn_epsilon: float
   zero_init_residual: bool
-  dtype: Dtype
-  bn_fast_variance: bool = True
-  bn_explicit_gradient: bool = True
-  pixel_mean: Sequence[float] | None = None
-  pixel_std: Sequence[float] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     """images: float [B, H, W, C]; returns float32 logits [B, num_classes]."""
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}")
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=conv_kernel_init)
-    norm = functools.partial(
-        GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
-        use_running_average=not train, dtype=self.dtype,
-        epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance,
-        explicit_gradient=self.bn_explicit_gradient)
-
-    x = model_input(images, self.pixel_mean, self.pixel_std, self.dtype)
+    conv, norm = self.conv(), self.norm(train)
+    x = self.inputs(images)
     if self.stem == "imagenet":
       x = conv(self.width, (7, 7), (2, 2), padding=_same_padding(7),
                name="stem_conv")(x)
@@ -152,9 +120,7 @@ class ResNet(nn.Module):
             filters=self.width * 2**i, strides=strides, conv=conv, norm=norm,
             zero_init_residual=self.zero_init_residual)(x)
 
-    x = jnp.mean(jnp.asarray(x, jnp.float32), axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=jnp.float32,
-                    param_dtype=jnp.float32, name="head")(x)
+    return self.logits(x)
 
 
 ResNet50 = functools.partial(
