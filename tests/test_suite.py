@@ -393,3 +393,15 @@ def test_launch_appends_the_runs_output_to_its_log(tmp_path, monkeypatch):
   assert log.count("=== ") == 2
   assert log.count("out --xla_force_host_platform_device_count=8") == 2
   assert log.count("err\n") == 2
+
+
+def test_estimate_counts_one_compile_per_shape(tmp_path):
+  # increase_batch: B 128 → 3456 over 8 devices with max_device_batch=16.
+  # Host accumulation: 16 per device and up share one set, one compile;
+  # compiled accumulation: one step per batch size, four.
+  run = suite.plan_runs(str(tmp_path), only=["increase_batch"])[0]
+  assert run.config.max_device_batch * suite.NUM_DEVICES == 128
+  host = suite.estimate_seconds(run)
+  run.config.accumulation = "compiled"
+  assert suite.estimate_seconds(run) - host == pytest.approx(
+      3 * suite.COMPILE_SECONDS)

@@ -57,9 +57,10 @@ SMOKE_TARGET_ACCURACY = 0.5  # 2,048 examples: smoke runs end near 55%.
 # 1,160-1,500 examples/s at B=128 and 1,550-1,880 at B=1024-2048 in host-
 # accumulated micro-batches of 16; 1,500 leaves a margin for a busy machine.
 # Start-up (imports, data, state) took ~20 s, an evaluation of the 10,000 test
-# examples ~3 s, and compiling ~5-7 s per compiled shape: one fused step per
-# batch size that needs no micro-batching, one accumulate/apply pair for all
-# the others.
+# examples ~3 s, and compiling ~5-7 s per compiled shape: with host
+# accumulation, one composed step per batch size whose per-device share is
+# below max_device_batch and one accumulate/apply set for all the others;
+# with compiled accumulation, one step per batch size.
 EXAMPLES_PER_SECOND = 1500.0
 STARTUP_SECONDS = 20.0
 EVAL_SECONDS = 3.0
@@ -132,7 +133,8 @@ def estimate_seconds(run: Run) -> float:
   config, plan = run.config, run.plan
   eval_every = max(1, round(config.eval_every_epochs * plan.num_train_examples))
   evals = math.ceil(plan.total_examples / eval_every)
-  shapes = {b if b // NUM_DEVICES <= config.max_device_batch else "micro"
+  shapes = {b if (config.accumulation == "compiled"
+                  or b // NUM_DEVICES < config.max_device_batch) else "micro"
             for b in plan.batch_sizes}
   compiles = COMPILE_SECONDS * len(shapes)
   return (plan.total_examples / EXAMPLES_PER_SECOND + evals * EVAL_SECONDS
