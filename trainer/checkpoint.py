@@ -23,15 +23,15 @@ from orbax.checkpoint import checkpoint_managers
 # Not exported by orbax 0.12 (setup.py pins <0.13); ArrayHandler needs it.
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-# Orbax splits each replicated array into one slice per replica by default,
-# so that replicas write in parallel; every slice is a jitted slice of a
-# device array. With data parallelism every array is replicated on every
-# device, so a save sliced the train state into hundreds of small slices:
-# 5 s of compiling at a run's first save, 0.23-0.37 s of dispatch in the step
-# loop at each later one, for the 40k-parameter default model on 8 CPU
-# devices. Below this many bytes per slice an array is written whole (0.04-0.1
-# s per save; benchmarks/checkpoint_save.py); ResNet-50's largest kernel is
-# 4 MiB.
+# Orbax splits each replicated array into one slice per replica by default
+# (not where JAX_PLATFORMS names a GPU), so that replicas write in parallel;
+# every slice is a jitted slice of a device array. With data parallelism
+# every array is replicated on every device, so a save sliced the train
+# state into hundreds of small slices: 5 s of compiling at a run's first
+# save, 0.23-0.37 s of dispatch in the step loop at each later one, for the
+# 40k-parameter default model on 8 CPU devices. Below this many bytes per
+# slice an array is written whole (0.04-0.1 s per save;
+# benchmarks/checkpoint_save.py); ResNet-50's largest kernel is 4 MiB.
 MIN_SLICE_BYTES = 1 << 20
 
 
