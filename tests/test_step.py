@@ -12,6 +12,7 @@ from configs import base
 from trainer import compile as compile_lib
 from trainer import loop
 from trainer import mesh as mesh_lib
+from trainer import micro_batching
 from trainer import optimizer as optimizer_lib
 from trainer import step as step_lib
 
@@ -249,3 +250,14 @@ def test_micro_batch_counts():
   assert compile_lib.micro_batches(64, 8, 8, 8) == 1
   assert compile_lib.micro_batches(512, 8, 16, 8) == 4
   assert compile_lib.micro_batches(512, 1, 512, 8) == 1
+
+
+@pytest.mark.parametrize("batch_size,accumulation,want", [
+    (64, "host", ("single", 64)),   # 8 per device, below 16: its own.
+    (128, "host", ("micro", 16)),   # exactly 16: one micro-batch of the set.
+    (512, "host", ("micro", 16)),   # 4 micro-batches of the same set.
+    (128, "compiled", ("fused", 128)),
+    (512, "compiled", ("fused", 512)),
+])
+def test_step_keys(batch_size, accumulation, want):
+  assert micro_batching.step_key(batch_size, 8, 16, 8, accumulation) == want

@@ -25,10 +25,11 @@ from input_pipeline import batches as batches_lib
 from trainer import mesh as mesh_lib
 from trainer import program_cache as program_cache_lib
 from trainer import step as step_lib
-
-
-class ConfigError(ValueError):
-  """A config that cannot run on this mesh; the message names the field."""
+# ConfigError, check_accumulation and micro_batches: also compile_lib.* elsewhere.
+from trainer.micro_batching import ConfigError  # noqa: F401
+from trainer.micro_batching import check_accumulation
+from trainer.micro_batching import micro_batches
+from trainer.micro_batching import step_key
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -43,31 +44,6 @@ def abstract(tree):
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       tree)
-
-
-def micro_batches(batch_size: int, num_devices: int, max_device_batch: int,
-                  ghost_batch_size: int) -> int:
-  """How many micro-batches a global batch of `batch_size` examples needs."""
-  _check(max_device_batch > 0,
-         f"max_device_batch={max_device_batch} must be positive")
-  _check(max_device_batch % ghost_batch_size == 0,
-         f"max_device_batch={max_device_batch} is not a multiple of "
-         f"ghost_batch_size={ghost_batch_size}")
-  per_device = batch_size // num_devices
-  _check(per_device >= ghost_batch_size,
-         f"ghost_batch_size={ghost_batch_size} is larger than the per-device "
-         f"batch {per_device} (B={batch_size} over {num_devices} devices)")
-  if per_device <= max_device_batch:
-    return 1
-  _check(per_device % max_device_batch == 0,
-         f"max_device_batch={max_device_batch} does not divide the per-device "
-         f"batch {per_device} (B={batch_size} over {num_devices} devices)")
-  return per_device // max_device_batch
-
-
-def _check(ok, message):
-  if not ok:
-    raise ConfigError(message)
 
 
 class FusedStep:
@@ -126,15 +102,6 @@ class AccumulatingStep:
                                       self._micro_batch(local_batch, j))
     return self._apply(state, accumulators,
                        dict(hyper, micro_batches=self._k_scalar))
-
-
-ACCUMULATION_MODES = ("host", "compiled")
-
-
-def check_accumulation(accumulation: str) -> None:
-  _check(accumulation in ACCUMULATION_MODES,
-         f"accumulation={accumulation!r} is not one of "
-         f"{', '.join(ACCUMULATION_MODES)}")
 
 
 class StepCompiler:
@@ -263,7 +230,8 @@ class StepCompiler:
         out_specs=P(mesh_lib.DATA_AXIS), check_vma=False)
     data = mesh_lib.batch_sharding(self._mesh)
     apply = functools.partial(step_lib.apply_step, tx=self._tx)
-    if self._key(batch_size)[0] == "single":
+    if step_key(batch_size, n, self._max_device_batch, self._ghost,
+                "host")[0] == "single":
       # Below max_device_batch no other batch size shares the executables:
       # the three as one function (one dispatch per step, and XLA may
       # overlap the gradients' all-reduce with the backward pass).
@@ -296,17 +264,9 @@ class StepCompiler:
     return compiled
 
   def _key(self, batch_size):
-    """What is compiled for `batch_size`: a fused step for the batch size,
-    or (host accumulation at or past `max_device_batch`) the micro-batch
-    size."""
-    n = self._mesh.size
-    k = micro_batches(batch_size, n, self._max_device_batch, self._ghost)
-    if self.accumulation == "compiled":
-      return ("fused", batch_size)
-    m = batch_size // n // k
-    if m < self._max_device_batch:
-      return ("single", batch_size)
-    return ("micro", m)
+    """What is compiled for `batch_size` (see `micro_batching.step_key`)."""
+    return step_key(batch_size, self._mesh.size, self._max_device_batch,
+                    self._ghost, self.accumulation)
 
   _FUNCTIONS = dict(fused=("step",), single=("single",),
                     micro=("init", "accumulate", "apply"))

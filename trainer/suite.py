@@ -32,6 +32,7 @@ import sys
 import time
 
 from configs import fashion_mnist_suite as suite_config
+from trainer import micro_batching
 from trainer import plan as plan_lib
 from trainer import report as report_lib
 
@@ -57,10 +58,10 @@ SMOKE_TARGET_ACCURACY = 0.5  # 2,048 examples: smoke runs end near 55%.
 # 1,160-1,500 examples/s at B=128 and 1,550-1,880 at B=1024-2048 in host-
 # accumulated micro-batches of 16; 1,500 leaves a margin for a busy machine.
 # Start-up (imports, data, state) took ~20 s, an evaluation of the 10,000 test
-# examples ~3 s, and compiling ~5-7 s per compiled shape: with host
-# accumulation, one composed step per batch size whose per-device share is
-# below max_device_batch and one accumulate/apply set for all the others;
-# with compiled accumulation, one step per batch size.
+# examples ~3 s, and compiling ~5-7 s per compiled shape
+# (micro_batching.step_key: with host accumulation one per batch size below
+# max_device_batch per device and one set for all the others; with compiled
+# accumulation one per batch size).
 EXAMPLES_PER_SECOND = 1500.0
 STARTUP_SECONDS = 20.0
 EVAL_SECONDS = 3.0
@@ -133,8 +134,9 @@ def estimate_seconds(run: Run) -> float:
   config, plan = run.config, run.plan
   eval_every = max(1, round(config.eval_every_epochs * plan.num_train_examples))
   evals = math.ceil(plan.total_examples / eval_every)
-  shapes = {b if (config.accumulation == "compiled"
-                  or b // NUM_DEVICES < config.max_device_batch) else "micro"
+  shapes = {micro_batching.step_key(b, NUM_DEVICES, config.max_device_batch,
+                                    config.ghost_batch_size,
+                                    config.accumulation)
             for b in plan.batch_sizes}
   compiles = COMPILE_SECONDS * len(shapes)
   return (plan.total_examples / EXAMPLES_PER_SECOND + evals * EVAL_SECONDS
