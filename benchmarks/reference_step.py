@@ -5,6 +5,7 @@ batch, same mesh; plus model-FLOPs utilisation.
         [--image_size=64] [--batch_size=64] [--devices=8] [--steps=5] \
         [--dtype=float32] [--peak_size=1024] \
         [--bn_variance=one_pass,two_pass] [--bn_gradient=explicit,autodiff] \
+        [--bn_relu=fused,separate] \
         [--cross] [--profile_steps=3] [--ops_json=ops.json]
 
 On one GPU, the figure the performance issue asks for (bf16, 224 px;
@@ -47,6 +48,7 @@ import time
 
 BN_VARIANCES = ("one_pass", "two_pass")  # model.bn_fast_variance true, false
 BN_GRADIENTS = ("explicit", "autodiff")  # model.bn_explicit_gradient
+BN_RELUS = ("fused", "separate")  # model.bn_fuse_relu (explicit gradient)
 MODELS = {
     # name: (config file, overrides)
     "resnet50": ("configs/imagenet_resnet50.py",
@@ -170,20 +172,24 @@ def build(name, args, compile_steps: bool = True) -> dict:
       compiler.close()
     return tx, step, state
 
-  # Ours, once per batch norm variance and gradient asked for.
+  # Ours, once per batch norm variance, gradient and ReLU asked for (the
+  # ReLU's place matters only to the written-out gradient).
   variances = _choices(args.bn_variance, BN_VARIANCES, "--bn_variance")
   gradients = _choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
+  relus = _choices(args.bn_relu, BN_RELUS, "--bn_relu")
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
   for variance in variances:
     for gradient in gradients:
-      config.model.bn_fast_variance = variance == "one_pass"
-      config.model.bn_explicit_gradient = gradient == "explicit"
-      model = models.create_model(config)
-      who = "/".join(["ours"] + [v for v, vs in ((variance, variances),
-                                                 (gradient, gradients))
-                                 if len(vs) > 1])
-      ours[who] = (config.copy_and_resolve_references(), model,
-                   *ours_step(model))
+      for relu in relus if gradient == "explicit" else relus[:1]:
+        config.model.bn_fast_variance = variance == "one_pass"
+        config.model.bn_explicit_gradient = gradient == "explicit"
+        config.model.bn_fuse_relu = relu == "fused"
+        model = models.create_model(config)
+        named = ((variance, variances), (gradient, gradients),
+                 (relu if gradient == "explicit" else "", relus))
+        who = "/".join(["ours"] + [v for v, vs in named if v and len(vs) > 1])
+        ours[who] = (config.copy_and_resolve_references(), model,
+                     *ours_step(model))
   ref_model = reference_model(config)
   if args.cross:
     ours["ours/ref_model"] = (config.copy_and_resolve_references(), ref_model,
@@ -398,6 +404,10 @@ def main():
   p.add_argument("--bn_gradient", default="explicit",
                  help="ghost batch norm gradient of ours: explicit, "
                       "autodiff or both (comma-separated), each a row")
+  p.add_argument("--bn_relu", default="fused",
+                 help="with the explicit gradient, the ReLU after a batch "
+                      "norm inside its gradient (fused), after it "
+                      "(separate) or both (comma-separated), each a row")
   p.add_argument("--profile_steps", type=int, default=0,
                  help="after timing, trace this many steps of each trainer "
                       "and print device time per kind of operation")

@@ -74,6 +74,10 @@ def get_base_config() -> config_dict.ConfigDict:
       # and one elementwise pass over the activations) or through JAX's
       # autodiff of the forward pass; the same values.
       bn_explicit_gradient=True,
+      # With it, the ReLU after a batch norm is taken inside that gradient:
+      # its mask is recomputed from the norm's input in the same passes, so
+      # the ReLU's gradient is no separate pass over the activations.
+      bn_fuse_relu=True,
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))
   # Batch norm statistics are taken over groups of this many examples, in

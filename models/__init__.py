@@ -59,6 +59,7 @@ def create_model(config) -> nn.Module:
       ghost_batch_size=config.ghost_batch_size, bn_epsilon=m.bn_epsilon,
       bn_fast_variance=m.bn_fast_variance,
       bn_explicit_gradient=m.bn_explicit_gradient,
+      bn_fuse_relu=m.bn_fuse_relu,
       pixel_mean=tuple(config.dataset.mean),
       pixel_std=tuple(config.dataset.std),
       dtype=DTYPES[m.dtype])

@@ -12,7 +12,9 @@ between devices (tests/test_ghost_batch_norm.py reads the HLO).
 
 Training differentiates through a hand-written batch norm gradient
 (`explicit_gradient`, the default): one reduction pass and one elementwise
-pass over the activations, where autodiff's gradient took XLA:GPU more.
+pass over the activations, where autodiff's gradient took XLA:GPU more. A
+ReLU that follows the norm (`relu`) is taken inside that gradient
+(`fuse_relu`): its mask is recomputed from x in the same two passes.
 
 The module does not keep the moving average itself. In training it writes the
 statistics of the current batch into the `batch_stats` collection; the train
@@ -60,9 +62,11 @@ def _per_example(stat: jax.Array, g: int, ndim: int) -> jax.Array:
   return repeated.reshape((groups * g,) + (1,) * (ndim - 2) + (channels,))
 
 
-def _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype):
+def _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype,
+                     relu=False):
   """Ghost batch norm of `x` [B, ..., C] in training: returns the output in
-  `dtype` and each group's mean and biased variance [B/g, C] (float32).
+  `dtype` (through a ReLU if `relu`) and each group's mean and biased
+  variance [B/g, C] (float32).
 
   Statistics and the affine map are computed in float32; reads and writes
   stay in the activations' dtype. `fast_variance`: E[x²] - E[x]², clamped
@@ -79,6 +83,8 @@ def _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype):
     var = _group_mean(jnp.square(x32 - example_mean), g)
   y = _affine(x32, example_mean, _per_example(var, g, x.ndim), scale, bias,
               epsilon)
+  if relu:
+    y = jax.nn.relu(y)
   return jnp.asarray(y, dtype), mean, var
 
 
@@ -92,31 +98,37 @@ def _affine(x32, mean, var, scale, bias, epsilon):
   return (x32 - mean) * multiplier + jnp.asarray(bias, jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _ghost_normalize_explicit(x, scale, bias, g, epsilon, fast_variance,
-                              dtype):
+                              dtype, relu):
   """`_ghost_normalize` with its gradient written out (see `_backward`)."""
-  return _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype)
+  return _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype,
+                          relu)
 
 
-def _forward(x, scale, bias, g, epsilon, fast_variance, dtype):
+def _forward(x, scale, bias, g, epsilon, fast_variance, dtype, relu):
   # symbolic_zeros=True below: the primals come wrapped (`.value`).
   x, scale, bias = x.value, scale.value, bias.value
-  out = _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype)
+  out = _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype,
+                         relu)
   _, mean, var = out
-  return out, (x, scale, mean, jax.lax.rsqrt(var + epsilon))
+  return out, (x, scale, bias, mean, jax.lax.rsqrt(var + epsilon))
 
 
-def _backward(g, epsilon, fast_variance, dtype, residuals, cotangents):
+def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
   """The gradient of batch norm in one reduction pass and one elementwise
   pass over the activations: with x̂ = (x - mean) * rstd and n values per
   group, dx = scale * rstd * (dy - mean(dy) - x̂ * mean(dy * x̂)) per group,
   plus the terms of the statistics' own cotangents when they have any (in
   training only the output reaches the loss, so they are symbolic zeros and
   cost nothing). Autodiff of the forward pass gives the same values;
-  XLA:GPU spread its reductions over more passes."""
+  XLA:GPU spread its reductions over more passes.
+
+  With `relu`, dy is first masked where the pre-activation x̂ * scale + bias
+  is not positive; the mask is recomputed from x inside both passes, so the
+  ReLU's gradient costs no pass of its own over the activations."""
   del epsilon, fast_variance, dtype  # Same function of x in every case.
-  x, scale, mean, rstd = residuals
+  x, scale, bias, mean, rstd = residuals
   dy, dmean, dvar = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
                      else c for c in cotangents)
   ndim = x.ndim
@@ -128,6 +140,10 @@ def _backward(g, epsilon, fast_variance, dtype, residuals, cotangents):
   if dy is not None:
     dy32 = jnp.asarray(dy, jnp.float32)
     x_hat = centred * _per_example(rstd, g, ndim)
+    if relu:
+      pre_activation = (x_hat * jnp.asarray(scale, jnp.float32)
+                        + jnp.asarray(bias, jnp.float32))
+      dy32 = jnp.where(pre_activation > 0, dy32, 0.0)
     mean_dy = _group_mean(dy32, g)
     mean_dy_x_hat = _group_mean(dy32 * x_hat, g)
     dx = (_per_example(rstd * jnp.asarray(scale, jnp.float32), g, ndim)
@@ -164,6 +180,12 @@ class GhostBatchNorm(nn.Module):
     explicit_gradient: differentiate training with the batch norm gradient
       written out (one reduction pass, one elementwise pass); else with
       JAX's autodiff of the forward pass. Same values.
+    relu: apply a ReLU to the output.
+    fuse_relu: with `relu` and `explicit_gradient`, take the ReLU inside the
+      written-out gradient, which recomputes its mask from x in its own two
+      passes; else the ReLU follows the batch norm as `nn.relu` would, and
+      its gradient is a separate select over the activations unless XLA
+      fuses it. Same values.
     scale_init: initialiser of `scale` (zeros for the last norm of a residual
       branch, so that each block starts as the identity).
   """
@@ -174,11 +196,14 @@ class GhostBatchNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
   fast_variance: bool = True
   explicit_gradient: bool = True
+  relu: bool = False
+  fuse_relu: bool = True
   scale_init: Initializer = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Normalises `x` [B, ..., C]; returns the same shape in `self.dtype`."""
+    """Normalises `x` [B, ..., C] (then a ReLU if `relu`); returns the same
+    shape in `self.dtype`."""
     num_channels = x.shape[-1]
     running_mean = self.variable(
         "batch_stats", "mean", jnp.zeros, (num_channels,), jnp.float32)
@@ -192,7 +217,7 @@ class GhostBatchNorm(nn.Module):
     if self.use_running_average:
       y = _affine(jnp.asarray(x, jnp.float32), running_mean.value,
                   running_var.value, scale, bias, self.epsilon)
-      return jnp.asarray(y, self.dtype)
+      return jnp.asarray(jax.nn.relu(y) if self.relu else y, self.dtype)
 
     g = self.ghost_batch_size
     batch_size = x.shape[0]
@@ -202,8 +227,11 @@ class GhostBatchNorm(nn.Module):
           f"multiple of ghost_batch_size={g}")
     normalize = (_ghost_normalize_explicit if self.explicit_gradient
                  else _ghost_normalize)
+    fused = self.relu and self.fuse_relu and self.explicit_gradient
     y, mean, var = normalize(x, scale, bias, g, self.epsilon,
-                             self.fast_variance, jnp.dtype(self.dtype))
+                             self.fast_variance, jnp.dtype(self.dtype), fused)
+    if self.relu and not fused:
+      y = nn.relu(y)
     if not self.is_initializing():
       # The batch's statistics, not an average: see the module docstring.
       running_mean.value = jnp.mean(mean, axis=0)

@@ -39,6 +39,8 @@ class GhostNormModel(nn.Module):
       GhostBatchNorm.fast_variance).
     bn_explicit_gradient: the batch norm gradient written out rather than
       autodiff's (see GhostBatchNorm.explicit_gradient).
+    bn_fuse_relu: the ReLU after a batch norm inside that gradient (see
+      GhostBatchNorm.fuse_relu).
     pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
       pixels / 255); see models/pixels.py.
   """
@@ -48,6 +50,7 @@ class GhostNormModel(nn.Module):
   dtype: Any = _keyword()
   bn_fast_variance: bool = _keyword(default=True)
   bn_explicit_gradient: bool = _keyword(default=True)
+  bn_fuse_relu: bool = _keyword(default=True)
   pixel_mean: Sequence[float] | None = _keyword(default=None)
   pixel_std: Sequence[float] | None = _keyword(default=None)
 
@@ -60,12 +63,14 @@ class GhostNormModel(nn.Module):
 
   def norm(self, train: bool):
     """`GhostBatchNorm` with this model's settings: batch statistics of ghost
-    batches in training, the running averages otherwise."""
+    batches in training, the running averages otherwise. A norm followed by
+    a ReLU is built with `relu=True`."""
     return functools.partial(
         GhostBatchNorm, ghost_batch_size=self.ghost_batch_size,
         use_running_average=not train, dtype=self.dtype,
         epsilon=self.bn_epsilon, fast_variance=self.bn_fast_variance,
-        explicit_gradient=self.bn_explicit_gradient)
+        explicit_gradient=self.bn_explicit_gradient,
+        fuse_relu=self.bn_fuse_relu)
 
   def inputs(self, images: jax.Array) -> jax.Array:
     """`images` in `dtype`: uint8 pixels normalised, float images as given."""

@@ -37,8 +37,7 @@ class ConvNorm(nn.Module):
   def __call__(self, x):
     x = self.conv(self.filters, tuple(self.kernel), self.strides,
                   padding=self.padding)(x)
-    x = self.norm()(x)
-    return nn.relu(x) if self.relu else x
+    return self.norm(relu=self.relu)(x)
 
 
 class InceptionResNetBlock(nn.Module):

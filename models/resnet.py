@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
     residual = x
     y = self.conv(self.filters, (3, 3), self.strides,
                   padding=_same_padding(3))(x)
-    y = nn.relu(self.norm()(y))
+    y = self.norm(relu=True)(y)
     y = self.conv(self.filters, (3, 3), padding=_same_padding(3))(y)
     y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
     if residual.shape != y.shape:
@@ -60,10 +60,10 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x):
     residual = x
     y = self.conv(self.filters, (1, 1), padding=0)(x)
-    y = nn.relu(self.norm()(y))
+    y = self.norm(relu=True)(y)
     y = self.conv(self.filters, (3, 3), self.strides,
                   padding=_same_padding(3))(y)
-    y = nn.relu(self.norm()(y))
+    y = self.norm(relu=True)(y)
     y = self.conv(self.filters * 4, (1, 1), padding=0)(y)
     y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
     if residual.shape != y.shape:
@@ -106,12 +106,12 @@ class ResNet(GhostNormModel):
     if self.stem == "imagenet":
       x = conv(self.width, (7, 7), (2, 2), padding=_same_padding(7),
                name="stem_conv")(x)
-      x = nn.relu(norm(name="stem_norm")(x))
+      x = norm(name="stem_norm", relu=True)(x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_same_padding(3))
     else:
       x = conv(self.width, (3, 3), padding=_same_padding(3),
                name="stem_conv")(x)
-      x = nn.relu(norm(name="stem_norm")(x))
+      x = norm(name="stem_norm", relu=True)(x)
 
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):

@@ -35,10 +35,10 @@ class WideResNetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    preactivated = nn.relu(self.norm()(x))
+    preactivated = self.norm(relu=True)(x)
     y = self.conv(self.filters, (3, 3), self.strides, padding=_PAD3)(
         preactivated)
-    y = nn.relu(self.norm()(y))
+    y = self.norm(relu=True)(y)
     y = self.conv(self.filters, (3, 3), padding=_PAD3)(y)
     if x.shape != y.shape:
       x = self.conv(self.filters, (1, 1), self.strides, padding=0,
@@ -72,5 +72,5 @@ class WideResNet(GhostNormModel):
         x = WideResNetBlock(
             filters=self.width * self.widen_factor * 2**i, strides=strides,
             conv=conv, norm=norm)(x)
-    x = nn.relu(norm(name="final_norm")(x))
+    x = norm(name="final_norm", relu=True)(x)
     return self.logits(x)

@@ -89,7 +89,7 @@ def test_fast_variance_of_a_constant_group_is_not_negative():
 
 
 def grads_of_a_loss(x, variables, g, fast_variance, explicit_gradient,
-                    dtype=jnp.float32):
+                    dtype=jnp.float32, relu=False, fuse_relu=True):
   """Gradients in x, scale and bias of a loss that reaches the output and
   both written statistics, with random weights so no term cancels."""
   rng = np.random.default_rng(7)
@@ -98,7 +98,8 @@ def grads_of_a_loss(x, variables, g, fast_variance, explicit_gradient,
   module = GhostBatchNorm(ghost_batch_size=g, use_running_average=False,
                           dtype=dtype, epsilon=EPSILON,
                           fast_variance=fast_variance,
-                          explicit_gradient=explicit_gradient)
+                          explicit_gradient=explicit_gradient, relu=relu,
+                          fuse_relu=fuse_relu)
 
   def loss(params, x):
     y, updates = module.apply(
@@ -129,6 +130,51 @@ def test_explicit_gradient_equals_autodiff(g, shape, fast_variance):
     np.testing.assert_allclose(params[name], want_params[name], rtol=1e-4,
                                atol=1e-4)
   assert np.abs(dx).max() > 1e-2  # Not vacuously equal.
+
+
+@pytest.mark.parametrize("g,shape", [(2, (8, 4, 4, 3)), (3, (9, 7))])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_relu_gradient_equals_autodiff_of_relu_after_the_norm(g, shape, fuse):
+  """The written-out gradient with the ReLU inside it (its mask recomputed
+  from x) or after it, against autodiff of the norm and then nn.relu."""
+  rng = np.random.default_rng(g)
+  x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+  variables = random_variables(x, rng)
+  params, dx = grads_of_a_loss(x, variables, g, True, True, relu=True,
+                               fuse_relu=fuse)
+  want_params, want_dx = grads_of_a_loss(x, variables, g, True, False,
+                                         relu=True)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(params[name], want_params[name], rtol=1e-4,
+                               atol=1e-4)
+  # The mask matters: without the ReLU the gradient is another one.
+  _, dx_linear = grads_of_a_loss(x, variables, g, True, True)
+  assert np.abs(dx - dx_linear).max() > 1e-2
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_output_is_the_relu_of_the_norm(train, dtype):
+  """Fused or not, training or evaluation: nn.relu of the plain norm's
+  output, to the bit (rounding to bfloat16 keeps signs, so the ReLU before
+  or after it gives the same values)."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(8, 3, 3, 4)) * 2 + 0.5, dtype)
+  variables = random_variables(x, rng)
+  variables["batch_stats"] = {"mean": jnp.full((4,), 0.3),
+                              "var": jnp.full((4,), 2.0)}
+
+  def output(**kwargs):
+    module = GhostBatchNorm(ghost_batch_size=4, use_running_average=not train,
+                            dtype=dtype, epsilon=EPSILON, **kwargs)
+    return np.asarray(module.apply(variables, x, mutable=["batch_stats"])[0],
+                      np.float32)
+
+  want = np.maximum(output(), 0.0)
+  assert (want == 0).mean() > 0.2 and (want > 0).mean() > 0.2
+  for fuse in (True, False):
+    np.testing.assert_array_equal(output(relu=True, fuse_relu=fuse), want)
 
 
 def test_explicit_gradient_in_bfloat16_keeps_the_dtypes():

@@ -203,7 +203,8 @@ def test_bad_ghost_batch_size_is_rejected(ghost_batch_size):
     ("resnet50", (64, 64, 3)), ("inception_resnet_v2", (75, 75, 3))])
 @pytest.mark.parametrize("field,attribute", [
     ("bn_fast_variance", "fast_variance"),
-    ("bn_explicit_gradient", "explicit_gradient")])
+    ("bn_explicit_gradient", "explicit_gradient"),
+    ("bn_fuse_relu", "fuse_relu")])
 @pytest.mark.parametrize("value", [True, False])
 def test_batch_norm_settings_reach_every_norm(name, image_shape, field,
                                               attribute, value):
