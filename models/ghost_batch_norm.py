@@ -62,11 +62,11 @@ def _per_example(stat: jax.Array, g: int, ndim: int) -> jax.Array:
   return repeated.reshape((groups * g,) + (1,) * (ndim - 2) + (channels,))
 
 
-def _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype,
-                     relu=False):
+def _ghost_normalize(x, scale, bias, residual, g, epsilon, fast_variance,
+                     dtype, relu=False):
   """Ghost batch norm of `x` [B, ..., C] in training: returns the output in
-  `dtype` (through a ReLU if `relu`) and each group's mean and biased
-  variance [B/g, C] (float32).
+  `dtype` (plus `residual` unless it is None, then through a ReLU if
+  `relu`) and each group's mean and biased variance [B/g, C] (float32).
 
   Statistics and the affine map are computed in float32; reads and writes
   stay in the activations' dtype. `fast_variance`: E[x²] - E[x]², clamped
@@ -83,9 +83,19 @@ def _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype,
     var = _group_mean(jnp.square(x32 - example_mean), g)
   y = _affine(x32, example_mean, _per_example(var, g, x.ndim), scale, bias,
               epsilon)
-  if relu:
-    y = jax.nn.relu(y)
-  return jnp.asarray(y, dtype), mean, var
+  return _output(y, residual, relu, dtype), mean, var
+
+
+def _output(y32, residual, relu, dtype):
+  """The norm's float32 output `y32` in `dtype`, plus `residual` (added in
+  `dtype`, as `nn.relu(residual + y)` after the norm would) and through a
+  ReLU if `relu`. The same values as those separate operations, to the bit;
+  the ReLU goes before the rounding when there is no residual (rounding
+  keeps signs)."""
+  if residual is None:
+    return jnp.asarray(jax.nn.relu(y32) if relu else y32, dtype)
+  z = jnp.asarray(y32, dtype) + jnp.asarray(residual, dtype)
+  return jax.nn.relu(z) if relu else z
 
 
 def _affine(x32, mean, var, scale, bias, epsilon):
@@ -98,21 +108,23 @@ def _affine(x32, mean, var, scale, bias, epsilon):
   return (x32 - mean) * multiplier + jnp.asarray(bias, jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _ghost_normalize_explicit(x, scale, bias, g, epsilon, fast_variance,
-                              dtype, relu):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _ghost_normalize_explicit(x, scale, bias, residual, g, epsilon,
+                              fast_variance, dtype, relu):
   """`_ghost_normalize` with its gradient written out (see `_backward`)."""
-  return _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype,
-                          relu)
+  return _ghost_normalize(x, scale, bias, residual, g, epsilon, fast_variance,
+                          dtype, relu)
 
 
-def _forward(x, scale, bias, g, epsilon, fast_variance, dtype, relu):
+def _forward(x, scale, bias, residual, g, epsilon, fast_variance, dtype,
+             relu):
   # symbolic_zeros=True below: the primals come wrapped (`.value`).
   x, scale, bias = x.value, scale.value, bias.value
-  out = _ghost_normalize(x, scale, bias, g, epsilon, fast_variance, dtype,
-                         relu)
+  residual = None if residual is None else residual.value
+  out = _ghost_normalize(x, scale, bias, residual, g, epsilon, fast_variance,
+                         dtype, relu)
   _, mean, var = out
-  return out, (x, scale, bias, mean, jax.lax.rsqrt(var + epsilon))
+  return out, (x, scale, bias, residual, mean, jax.lax.rsqrt(var + epsilon))
 
 
 def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
@@ -124,11 +136,13 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
   cost nothing). Autodiff of the forward pass gives the same values;
   XLA:GPU spread its reductions over more passes.
 
-  With `relu`, dy is first masked where the pre-activation x̂ * scale + bias
-  is not positive; the mask is recomputed from x inside both passes, so the
-  ReLU's gradient costs no pass of its own over the activations."""
-  del epsilon, fast_variance, dtype  # Same function of x in every case.
-  x, scale, bias, mean, rstd = residuals
+  With `relu`, dy is first masked where the ReLU's input (x̂ * scale +
+  bias, plus the residual if there is one) is not positive; the mask is
+  recomputed from x (and the residual) inside both passes, so the ReLU's
+  gradient costs no pass of its own over the activations. The residual's
+  gradient is the masked dy."""
+  del epsilon, fast_variance  # Same function of x in every case.
+  x, scale, bias, residual, mean, rstd = residuals
   dy, dmean, dvar = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
                      else c for c in cotangents)
   ndim = x.ndim
@@ -141,9 +155,11 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
     dy32 = jnp.asarray(dy, jnp.float32)
     x_hat = centred * _per_example(rstd, g, ndim)
     if relu:
-      pre_activation = (x_hat * jnp.asarray(scale, jnp.float32)
-                        + jnp.asarray(bias, jnp.float32))
-      dy32 = jnp.where(pre_activation > 0, dy32, 0.0)
+      y32 = (x_hat * jnp.asarray(scale, jnp.float32)
+             + jnp.asarray(bias, jnp.float32))
+      relu_input = (y32 if residual is None
+                    else _output(y32, residual, False, dtype))
+      dy32 = jnp.where(relu_input > 0, dy32, 0.0)
     mean_dy = _group_mean(dy32, g)
     mean_dy_x_hat = _group_mean(dy32 * x_hat, g)
     dx = (_per_example(rstd * jnp.asarray(scale, jnp.float32), g, ndim)
@@ -155,8 +171,12 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
     dx = dx + _per_example(dmean / count, g, ndim)
   if dvar is not None:  # var = sum((x - mean)²) / n; the mean's term is 0.
     dx = dx + centred * _per_example(2.0 * dvar / count, g, ndim)
+  dresidual = None
+  if residual is not None:
+    dresidual = (jnp.zeros(residual.shape, residual.dtype) if dy is None
+                 else jnp.asarray(dy32, residual.dtype))
   return (jnp.asarray(dx, x.dtype), jnp.asarray(dscale, scale.dtype),
-          jnp.asarray(dbias, scale.dtype))
+          jnp.asarray(dbias, scale.dtype), dresidual)
 
 
 _ghost_normalize_explicit.defvjp(_forward, _backward, symbolic_zeros=True)
@@ -180,12 +200,14 @@ class GhostBatchNorm(nn.Module):
     explicit_gradient: differentiate training with the batch norm gradient
       written out (one reduction pass, one elementwise pass); else with
       JAX's autodiff of the forward pass. Same values.
-    relu: apply a ReLU to the output.
-    fuse_relu: with `relu` and `explicit_gradient`, take the ReLU inside the
-      written-out gradient, which recomputes its mask from x in its own two
-      passes; else the ReLU follows the batch norm as `nn.relu` would, and
-      its gradient is a separate select over the activations unless XLA
-      fuses it. Same values.
+    relu: apply a ReLU to the output (after adding the residual, if the
+      call passes one).
+    fuse_relu: with `explicit_gradient`, take the residual add and the ReLU
+      inside the written-out gradient, which recomputes the ReLU's mask from
+      x and the residual in its own two passes; else they follow the batch
+      norm as `residual + y` and `nn.relu` would, and the ReLU's gradient is
+      a separate select over the activations unless XLA fuses it. Same
+      values, to the bit, for a residual in `dtype`.
     scale_init: initialiser of `scale` (zeros for the last norm of a residual
       branch, so that each block starts as the identity).
   """
@@ -201,9 +223,14 @@ class GhostBatchNorm(nn.Module):
   scale_init: Initializer = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Normalises `x` [B, ..., C] (then a ReLU if `relu`); returns the same
-    shape in `self.dtype`."""
+  def __call__(self, x: jax.Array,
+               residual: jax.Array | None = None) -> jax.Array:
+    """Normalises `x` [B, ..., C], adds `residual` (same shape) if given,
+    then a ReLU if `relu`; returns the same shape in `self.dtype`."""
+    if residual is not None and residual.shape != x.shape:
+      raise ValueError(
+          f"ghost batch norm: residual of shape {residual.shape} does not "
+          f"match the input's {x.shape}")
     num_channels = x.shape[-1]
     running_mean = self.variable(
         "batch_stats", "mean", jnp.zeros, (num_channels,), jnp.float32)
@@ -217,7 +244,7 @@ class GhostBatchNorm(nn.Module):
     if self.use_running_average:
       y = _affine(jnp.asarray(x, jnp.float32), running_mean.value,
                   running_var.value, scale, bias, self.epsilon)
-      return jnp.asarray(jax.nn.relu(y) if self.relu else y, self.dtype)
+      return _output(y, residual, self.relu, self.dtype)
 
     g = self.ghost_batch_size
     batch_size = x.shape[0]
@@ -225,13 +252,20 @@ class GhostBatchNorm(nn.Module):
       raise ValueError(
           f"ghost batch norm: the batch of {batch_size} examples is not a "
           f"multiple of ghost_batch_size={g}")
-    normalize = (_ghost_normalize_explicit if self.explicit_gradient
-                 else _ghost_normalize)
-    fused = self.relu and self.fuse_relu and self.explicit_gradient
-    y, mean, var = normalize(x, scale, bias, g, self.epsilon,
-                             self.fast_variance, jnp.dtype(self.dtype), fused)
-    if self.relu and not fused:
-      y = nn.relu(y)
+    dtype = jnp.dtype(self.dtype)
+    if self.explicit_gradient and self.fuse_relu:
+      y, mean, var = _ghost_normalize_explicit(
+          x, scale, bias, residual, g, self.epsilon, self.fast_variance,
+          dtype, self.relu)
+    else:
+      normalize = (_ghost_normalize_explicit if self.explicit_gradient
+                   else _ghost_normalize)
+      y, mean, var = normalize(x, scale, bias, None, g, self.epsilon,
+                               self.fast_variance, dtype, False)
+      if residual is not None:
+        y = residual + y
+      if self.relu:
+        y = nn.relu(y)
     if not self.is_initializing():
       # The batch's statistics, not an average: see the module docstring.
       running_mean.value = jnp.mean(mean, axis=0)

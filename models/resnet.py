@@ -40,12 +40,14 @@ class BasicBlock(nn.Module):
                   padding=_same_padding(3))(x)
     y = self.norm(relu=True)(y)
     y = self.conv(self.filters, (3, 3), padding=_same_padding(3))(y)
-    y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), self.strides, padding=0,
                            name="proj_conv")(residual)
       residual = self.norm(name="proj_norm")(residual)
-    return nn.relu(residual + y)
+    # relu(norm(y) + residual), in one module so that its gradient can take
+    # the add and the ReLU inside (GhostBatchNorm.fuse_relu).
+    return self.norm(scale_init=_last_scale_init(self.zero_init_residual),
+                     relu=True)(y, residual)
 
 
 class BottleneckBlock(nn.Module):
@@ -65,12 +67,12 @@ class BottleneckBlock(nn.Module):
                   padding=_same_padding(3))(y)
     y = self.norm(relu=True)(y)
     y = self.conv(self.filters * 4, (1, 1), padding=0)(y)
-    y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
     if residual.shape != y.shape:
       residual = self.conv(self.filters * 4, (1, 1), self.strides, padding=0,
                            name="proj_conv")(residual)
       residual = self.norm(name="proj_norm")(residual)
-    return nn.relu(residual + y)
+    return self.norm(scale_init=_last_scale_init(self.zero_init_residual),
+                     relu=True)(y, residual)
 
 
 def _last_scale_init(zero_init_residual: bool):

@@ -135,3 +135,34 @@ def test_largest_batch_search(capacity, refine, time_left, want, tried):
       out_of_time=lambda: len(seen) >= time_left)
   assert got == want
   assert seen == tried
+
+
+@pytest.mark.parametrize("measured,b,want", [
+    ({}, 4096, None),
+    ({1024: 42.55}, 4096, None),  # One size cannot separate the fixed part.
+    # The H100's ResNet-50 estimates: 17.5 GiB fixed + 24.4 MiB per example.
+    ({1024: 42.55, 2048: 67.57}, 4096, 117.61),
+    ({1024: 42.55, 2048: 67.57}, 2560, 80.08),
+    # The two largest sizes set the line, whatever came before.
+    ({256: 1.0, 1024: 42.55, 2048: 67.57}, 3072, 92.59),
+    ({1024: 42.55, 2048: float("nan")}, 4096, None),
+])
+def test_predicted_memory(measured, b, want):
+  got = max_device_batch.predicted_gib(measured, b)
+  assert got == (None if want is None else pytest.approx(want, abs=0.01))
+
+
+H100 = int(71.3 * 2**30)  # What JAX left for arrays at a 0.9 memory fraction.
+
+
+@pytest.mark.parametrize("b,limit,want", [
+    (4096, H100, "XLA's estimate extrapolates to 117.6 GiB > 71.3"),
+    (2304, H100, "XLA's estimate extrapolates to 73.8 GiB > 71.3"),
+    (2176, H100, None),  # 70.7 GiB: tried.
+    (4096, None, None),  # No limit known (a CPU): tried.
+])
+def test_sizes_predicted_not_to_fit(b, limit, want):
+  measured = {1024: 42.55, 2048: 67.57}
+  assert max_device_batch.predicted_not_to_fit(measured, b, limit) == want
+  # With one size measured nothing is predicted.
+  assert max_device_batch.predicted_not_to_fit({2048: 67.57}, b, limit) is None

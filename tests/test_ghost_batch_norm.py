@@ -1,6 +1,7 @@
 """Ghost batch norm against NumPy, and its sharding contract on 8 devices."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,9 +90,11 @@ def test_fast_variance_of_a_constant_group_is_not_negative():
 
 
 def grads_of_a_loss(x, variables, g, fast_variance, explicit_gradient,
-                    dtype=jnp.float32, relu=False, fuse_relu=True):
-  """Gradients in x, scale and bias of a loss that reaches the output and
-  both written statistics, with random weights so no term cancels."""
+                    dtype=jnp.float32, relu=False, fuse_relu=True,
+                    residual=None):
+  """Gradients in x, scale and bias (and the residual, if one is given, as a
+  third element) of a loss that reaches the output and both written
+  statistics, with random weights so no term cancels."""
   rng = np.random.default_rng(7)
   w = rng.normal(size=x.shape).astype(np.float32)
   a, b = rng.normal(size=(2, x.shape[-1])).astype(np.float32)
@@ -101,15 +104,16 @@ def grads_of_a_loss(x, variables, g, fast_variance, explicit_gradient,
                           explicit_gradient=explicit_gradient, relu=relu,
                           fuse_relu=fuse_relu)
 
-  def loss(params, x):
+  def loss(params, x, residual):
     y, updates = module.apply(
         {"params": params, "batch_stats": variables["batch_stats"]}, x,
-        mutable=["batch_stats"])
+        residual, mutable=["batch_stats"])
     stats = updates["batch_stats"]
     return (jnp.sum(jnp.asarray(y, jnp.float32) * w)
             + jnp.sum(stats["mean"] * a) + jnp.sum(stats["var"] * b))
 
-  return jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+  argnums = (0, 1) if residual is None else (0, 1, 2)
+  return jax.grad(loss, argnums=argnums)(variables["params"], x, residual)
 
 
 @pytest.mark.parametrize("g,shape", [
@@ -134,47 +138,71 @@ def test_explicit_gradient_equals_autodiff(g, shape, fast_variance):
 
 @pytest.mark.parametrize("g,shape", [(2, (8, 4, 4, 3)), (3, (9, 7))])
 @pytest.mark.parametrize("fuse", [True, False])
-def test_relu_gradient_equals_autodiff_of_relu_after_the_norm(g, shape, fuse):
-  """The written-out gradient with the ReLU inside it (its mask recomputed
-  from x) or after it, against autodiff of the norm and then nn.relu."""
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_relu_gradient_equals_autodiff_of_relu_after_the_norm(
+    g, shape, fuse, with_residual):
+  """The written-out gradient with the residual add and the ReLU inside it
+  (the mask recomputed from x and the residual) or after it, against
+  autodiff of the norm, then `residual + y`, then nn.relu."""
   rng = np.random.default_rng(g)
   x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
   variables = random_variables(x, rng)
-  params, dx = grads_of_a_loss(x, variables, g, True, True, relu=True,
-                               fuse_relu=fuse)
-  want_params, want_dx = grads_of_a_loss(x, variables, g, True, False,
-                                         relu=True)
-  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  residual = (rng.normal(size=shape).astype(np.float32) if with_residual
+              else None)
+  got = grads_of_a_loss(x, variables, g, True, True, relu=True,
+                        fuse_relu=fuse, residual=residual)
+  want = grads_of_a_loss(x, variables, g, True, False, relu=True,
+                         residual=residual)
+  for got_part, want_part in zip(got[1:], want[1:]):  # dx, dresidual
+    np.testing.assert_allclose(got_part, want_part, rtol=1e-4, atol=1e-4)
   for name in ("scale", "bias"):
-    np.testing.assert_allclose(params[name], want_params[name], rtol=1e-4,
+    np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-4,
                                atol=1e-4)
   # The mask matters: without the ReLU the gradient is another one.
-  _, dx_linear = grads_of_a_loss(x, variables, g, True, True)
-  assert np.abs(dx - dx_linear).max() > 1e-2
+  linear = grads_of_a_loss(x, variables, g, True, True, residual=residual)
+  assert np.abs(got[1] - linear[1]).max() > 1e-2
+  if with_residual:  # The masked dy: zero where the ReLU cut, else w.
+    assert 0.2 < (np.asarray(got[2]) == 0).mean() < 0.8
 
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_relu_output_is_the_relu_of_the_norm(train, dtype):
-  """Fused or not, training or evaluation: nn.relu of the plain norm's
-  output, to the bit (rounding to bfloat16 keeps signs, so the ReLU before
-  or after it gives the same values)."""
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_relu_output_is_the_relu_of_the_norm(train, dtype, with_residual):
+  """Fused or not, training or evaluation: nn.relu(residual + y) of the
+  plain norm's output y, to the bit (rounding to bfloat16 keeps signs, so
+  without a residual the ReLU before or after it gives the same values)."""
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(8, 3, 3, 4)) * 2 + 0.5, dtype)
   variables = random_variables(x, rng)
   variables["batch_stats"] = {"mean": jnp.full((4,), 0.3),
                               "var": jnp.full((4,), 2.0)}
+  residual = (jnp.asarray(rng.normal(size=x.shape), dtype) if with_residual
+              else None)
 
-  def output(**kwargs):
+  def output(residual=None, **kwargs):
     module = GhostBatchNorm(ghost_batch_size=4, use_running_average=not train,
                             dtype=dtype, epsilon=EPSILON, **kwargs)
-    return np.asarray(module.apply(variables, x, mutable=["batch_stats"])[0],
-                      np.float32)
+    return module.apply(variables, x, residual, mutable=["batch_stats"])[0]
 
-  want = np.maximum(output(), 0.0)
+  want = nn.relu(output() if residual is None else residual + output())
+  want = np.asarray(want, np.float32)
   assert (want == 0).mean() > 0.2 and (want > 0).mean() > 0.2
   for fuse in (True, False):
-    np.testing.assert_array_equal(output(relu=True, fuse_relu=fuse), want)
+    got = output(residual, relu=True, fuse_relu=fuse)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_residual_of_another_shape_is_refused():
+  x = jnp.ones((8, 3, 3, 4))
+  module = GhostBatchNorm(ghost_batch_size=4, use_running_average=False,
+                          dtype=jnp.float32, epsilon=EPSILON, relu=True)
+  variables = module.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=re.escape(
+      "ghost batch norm: residual of shape (8, 3, 3, 8) does not match the "
+      "input's (8, 3, 3, 4)")):
+    module.apply(variables, x, jnp.ones((8, 3, 3, 8)), mutable=["batch_stats"])
 
 
 def test_explicit_gradient_in_bfloat16_keeps_the_dtypes():

@@ -221,6 +221,33 @@ def test_batch_norm_settings_reach_every_norm(name, image_shape, field,
   assert seen and set(seen) == {value}
 
 
+@pytest.mark.parametrize("name,image_shape,want", [
+    # (norms, with ReLU, with a residual as well): stem + 16 bottlenecks of
+    # three norms, the last taking the skip, + 4 projections.
+    ("resnet50", (64, 64, 3), (53, 49, 16)),
+    # stem + 3 basic blocks of two norms + 2 projections (stages 2 and 3).
+    ("small_resnet", (28, 28, 1), (9, 7, 3)),
+])
+def test_residual_add_and_relu_go_into_the_norm_before_them(
+    name, image_shape, want):
+  """Where a ReLU or a residual add follows a batch norm, the norm takes
+  them (so its written-out gradient can fuse them)."""
+  model = models.create_model(make_config(name))
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    if (isinstance(context.module, models.GhostBatchNorm)
+        and context.method_name == "__call__"):
+      residual = args[1] if len(args) > 1 else kwargs.get("residual")
+      calls.append((context.module.relu, residual is not None))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    shapes(model, image_shape)
+  assert (len(calls), sum(r for r, _ in calls),
+          sum(r and s for r, s in calls)) == want
+
+
 def test_model_input_maps_pixels_to_standard_units():
   pixels = jnp.asarray([[[[0, 255]]]], jnp.uint8)
   x = pixels_lib.model_input(pixels, (0.5, 0.25), (0.5, 0.25), jnp.float32)
