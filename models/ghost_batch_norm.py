@@ -13,8 +13,9 @@ between devices (tests/test_ghost_batch_norm.py reads the HLO).
 Training differentiates through a hand-written batch norm gradient
 (`explicit_gradient`, the default): one reduction pass and one elementwise
 pass over the activations, where autodiff's gradient took XLA:GPU more. A
-ReLU that follows the norm (`relu`) is taken inside that gradient
-(`fuse_relu`): its mask is recomputed from x in the same two passes.
+ReLU that follows the norm (`relu`), and a skip add before it (`residual`),
+can be taken inside that gradient (`fuse_relu`): the ReLU's mask is then
+recomputed from x and the skip in the same two passes.
 
 The module does not keep the moving average itself. In training it writes the
 statistics of the current batch into the `batch_stats` collection; the train
@@ -219,7 +220,7 @@ class GhostBatchNorm(nn.Module):
   fast_variance: bool = True
   explicit_gradient: bool = True
   relu: bool = False
-  fuse_relu: bool = True
+  fuse_relu: bool = False
   scale_init: Initializer = nn.initializers.ones
 
   @nn.compact

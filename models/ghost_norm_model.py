@@ -50,7 +50,7 @@ class GhostNormModel(nn.Module):
   dtype: Any = _keyword()
   bn_fast_variance: bool = _keyword(default=True)
   bn_explicit_gradient: bool = _keyword(default=True)
-  bn_fuse_relu: bool = _keyword(default=True)
+  bn_fuse_relu: bool = _keyword(default=False)
   pixel_mean: Sequence[float] | None = _keyword(default=None)
   pixel_std: Sequence[float] | None = _keyword(default=None)
 

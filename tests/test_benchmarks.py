@@ -166,3 +166,27 @@ def test_sizes_predicted_not_to_fit(b, limit, want):
   assert max_device_batch.predicted_not_to_fit(measured, b, limit) == want
   # With one size measured nothing is predicted.
   assert max_device_batch.predicted_not_to_fit({2048: 67.57}, b, limit) is None
+
+
+def test_unknown_bn_relu_is_refused():
+  with pytest.raises(SystemExit,
+                     match="unknown --bn_relu 'inside'; choose from "
+                           "fused, separate"):
+    reference_step._choices("fused,inside", reference_step.BN_RELUS,
+                            "--bn_relu")
+
+
+@pytest.mark.parametrize("variances,gradients,relus,want", [
+    (["one_pass"], ["explicit"], ["fused"], ["ours"]),
+    (["one_pass"], ["explicit", "autodiff"], ["fused", "separate"],
+     ["ours/explicit/fused", "ours/explicit/separate", "ours/autodiff"]),
+    (["one_pass", "two_pass"], ["autodiff"], ["fused", "separate"],
+     ["ours/one_pass", "ours/two_pass"]),
+    (["one_pass"], ["explicit"], ["separate", "fused"],
+     ["ours/separate", "ours/fused"]),
+])
+def test_reference_step_rows(variances, gradients, relus, want):
+  rows = reference_step.our_variants(variances, gradients, relus)
+  assert [who for who, *_ in rows] == want
+  assert all((relu == relus[0]) or gradient == "explicit"
+             for _, _, gradient, relu in rows)
