@@ -39,8 +39,8 @@ class GhostNormModel(nn.Module):
       GhostBatchNorm.fast_variance).
     bn_explicit_gradient: the batch norm gradient written out rather than
       autodiff's (see GhostBatchNorm.explicit_gradient).
-    bn_fuse_relu: the ReLU after a batch norm inside that gradient (see
-      GhostBatchNorm.fuse_relu).
+    bn_fuse_relu: the ReLU after a batch norm, and a skip add before it,
+      inside that gradient (see GhostBatchNorm.fuse_relu).
     pixel_mean, pixel_std: per-channel normalisation of uint8 images (of
       pixels / 255); see models/pixels.py.
   """
