@@ -25,54 +25,53 @@ def _same_padding(kernel: int):
   return ((kernel // 2, kernel // 2),) * 2
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs, post-activation (ResNet v1)."""
+class ResidualBlock(nn.Module):
+  """What both blocks share: their fields, and the end of the block, the
+  last norm of the branch with the skip added and a ReLU (post-activation,
+  ResNet v1), the skip projected where the shape changes."""
   filters: int
   strides: int
   conv: ModuleDef
   norm: ModuleDef
   zero_init_residual: bool
 
-  @nn.compact
-  def __call__(self, x):
+  def join(self, x, y):
+    """relu(norm(y) + skip(x)), from the compact `__call__` of a subclass.
+    One module takes the add and the ReLU, so that its gradient can take
+    them inside (GhostBatchNorm.fuse_relu)."""
     residual = x
-    y = self.conv(self.filters, (3, 3), self.strides,
-                  padding=_same_padding(3))(x)
-    y = self.norm(relu=True)(y)
-    y = self.conv(self.filters, (3, 3), padding=_same_padding(3))(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, padding=0,
+      residual = self.conv(y.shape[-1], (1, 1), self.strides, padding=0,
                            name="proj_conv")(residual)
       residual = self.norm(name="proj_norm")(residual)
-    # relu(norm(y) + residual), in one module so that its gradient can take
-    # the add and the ReLU inside (GhostBatchNorm.fuse_relu).
     return self.norm(scale_init=_last_scale_init(self.zero_init_residual),
                      relu=True)(y, residual)
 
 
-class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion, post-activation."""
-  filters: int
-  strides: int
-  conv: ModuleDef
-  norm: ModuleDef
-  zero_init_residual: bool
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convs, post-activation (ResNet v1)."""
 
   @nn.compact
   def __call__(self, x):
-    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides,
+                  padding=_same_padding(3))(x)
+    y = self.norm(relu=True)(y)
+    y = self.conv(self.filters, (3, 3), padding=_same_padding(3))(y)
+    return self.join(x, y)
+
+
+class BottleneckBlock(ResidualBlock):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion, post-activation."""
+
+  @nn.compact
+  def __call__(self, x):
     y = self.conv(self.filters, (1, 1), padding=0)(x)
     y = self.norm(relu=True)(y)
     y = self.conv(self.filters, (3, 3), self.strides,
                   padding=_same_padding(3))(y)
     y = self.norm(relu=True)(y)
     y = self.conv(self.filters * 4, (1, 1), padding=0)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), self.strides, padding=0,
-                           name="proj_conv")(residual)
-      residual = self.norm(name="proj_norm")(residual)
-    return self.norm(scale_init=_last_scale_init(self.zero_init_residual),
-                     relu=True)(y, residual)
+    return self.join(x, y)
 
 
 def _last_scale_init(zero_init_residual: bool):
