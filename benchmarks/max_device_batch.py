@@ -14,11 +14,11 @@ and the largest size that ran.
 
 On an accelerator a size that does not fit can take minutes to fail (on an
 H100, B=4,096 for ResNet-50 had neither run nor failed after more than a
-minute, when the command's time ran out), so
-once two sizes have run, a size whose memory estimate, extrapolated along
-the line through the two largest that ran, exceeds the device's memory for
-arrays is not tried and counts as not fitting; the output says so
-(`--predict=false` tries every size).
+minute, when the command's time ran out). So once two sizes have run, a
+size whose memory estimate, extrapolated along the line through the two
+largest that ran, exceeds the device's memory for arrays is not tried and
+counts as not fitting; the output says so (`--predict=false` tries every
+size).
 `max_device_batch` at or below it lets gradient accumulation run any
 stage's batch. `--time_limit` stops before a size that would start past it.
 """
@@ -54,6 +54,9 @@ def main():
   p.add_argument("--predict", default="true", choices=("true", "false"),
                  help="skip sizes whose extrapolated memory estimate "
                       "exceeds the device's")
+  p.add_argument("--memory_gib", type=float, default=0.0,
+                 help="device memory to fit in, for the prediction (default: "
+                      "what JAX reports for arrays; none on a CPU)")
   a = p.parse_args()
 
   import jax
@@ -77,13 +80,15 @@ def main():
   hyper = common.step_hyper(mesh, learning_rate=0.1)
   rng = np.random.default_rng(0)
   device = jax.devices()[0]
-  limit = (device.memory_stats() or {}).get("bytes_limit")
+  limit = (int(a.memory_gib * 2**30) if a.memory_gib > 0
+           else (device.memory_stats() or {}).get("bytes_limit"))
   print(f"{config.model.name} {a.image_size} px {a.dtype} on "
         f"{device.device_kind}"
         + (f", {limit / 2**30:.1f} GiB for arrays" if limit else ""))
   print(f"{'B':>6} {'ms/step':>9} {'ex/s':>9} {'GiB (XLA)':>10} "
         f"{'compile s':>10}")
   measured = {}  # batch size that ran: XLA's estimate in GiB
+  not_tried = set()  # sizes predicted not to fit
   predict = a.predict == "true"
 
   def fits(b) -> bool:
@@ -92,6 +97,7 @@ def main():
     reason = predicted_not_to_fit(measured, b, limit) if predict else None
     if reason:
       print(f"{b:>6} not tried: {reason}", flush=True)
+      not_tried.add(b)
       return False
     print(f"(B={b}: compiling at {time.perf_counter() - start:.0f} s)",
           file=sys.stderr, flush=True)
@@ -126,7 +132,9 @@ def main():
       multiple=a.ghost_batch_size,
       out_of_time=lambda: time.perf_counter() - start >= a.time_limit)
   print(f"largest per-device batch that ran: {largest}"
-        + (f" (first that did not: {failed})" if failed else ""))
+        + (f" (first that did not: {failed}"
+           + (", by the estimate" if failed in not_tried else "") + ")"
+           if failed else ""))
 
 
 def largest_that_fits(fits, *, start: int, limit: int, refine: int,
