@@ -1,5 +1,7 @@
 """End to end on CPU: a tiny multi-stage run follows its plan and resumes."""
 import os
+import re
+import time
 
 import jax
 import numpy as np
@@ -185,3 +187,77 @@ def test_bad_weight_average_is_refused(tmp_path):
                      match="weight_average='swa' is not one of none, ema"):
     loop.train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+class _Writer:
+  """Collects what the loop writes: [(kind, step, record)]."""
+
+  def __init__(self):
+    self.records = []
+
+  def write(self, kind, step, **record):
+    self.records.append((kind, step, record))
+
+
+def _position(**fields):
+  import types
+  return types.SimpleNamespace(**dict(
+      stage=1, batch_size=128, learning_rate=0.1, momentum=0.9,
+      noise_scale=12.5) | fields)
+
+
+@pytest.mark.parametrize("is_chief", [True, False])
+def test_train_record_and_progress_line(capsys, is_chief):
+  import types
+  plan = types.SimpleNamespace(num_train_examples=1000, total_examples=3000,
+                               total_updates=30)
+  clock = loop._Clock(start=time.perf_counter() - 1.0, examples=0)
+  writer = _Writer()
+  loop._log_train(writer, is_chief, plan, _position(), 12, 1500,
+                  dict(train_loss=np.float32(0.5), train_accuracy=0.75),
+                  noise_scale=None, clock=clock, run_start=0.0,
+                  step_time=0.25, compile_wait=0.0)
+  (kind, step, record), = writer.records
+  assert (kind, step) == ("train", 12)
+  assert record["epoch"] == 1.5 and record["batch_size"] == 128
+  assert record["train_loss"] == 0.5 and "grad_noise_scale" not in record
+  assert record["step_time"] == 0.25
+  assert 1000 < record["examples_per_second"] <= 1500  # 1,500 in ~1 s.
+  assert clock.examples == 1500  # The next window starts here.
+  out = capsys.readouterr().out
+  if is_chief:
+    assert re.fullmatch(
+        r"step 12/30 epoch 1\.50 stage 1 B=128 lr=0\.1 loss 0\.5000 "
+        r"acc 0\.750 1,[0-5]\d\d ex/s ETA 0m0[12]s\n", out), out
+  else:
+    assert out == ""
+
+
+def test_eval_record_and_line(capsys):
+  writer = _Writer()
+  evaluation = dict(eval_loss=0.3, eval_accuracy=0.91,
+                    ema_eval_accuracy=0.92)
+  loop._log_eval(writer, True, 40, 2000, 1000, 0.0, evaluation)
+  (kind, step, record), = writer.records
+  assert (kind, step, record["epoch"]) == ("eval", 40, 2.0)
+  assert record["eval_accuracy"] == 0.91
+  assert capsys.readouterr().out == (
+      "eval at epoch 2.00: loss 0.3000 accuracy 0.9100 "
+      "(EMA weights: 0.9200)\n")
+
+
+@pytest.mark.parametrize("noise,batch,line", [
+    (600.0, 512, "adaptive: B 128 → 512 at epoch 0.50 (B_simple 600.0)\n"),
+    (50.0, 128, ""),  # Unchanged: recorded, not printed.
+])
+def test_batch_decision_is_recorded_and_a_change_printed(capsys, noise,
+                                                         batch, line):
+  from tests.test_adaptive import schedule
+  writer = _Writer()
+  got = loop._decide_batch(writer, True, schedule(), 128, _position(), 5,
+                           500, 1000, noise)
+  assert got == batch
+  (kind, step, record), = writer.records
+  assert (kind, step) == ("batch_decision", 5)
+  assert (record["previous_batch_size"], record["batch_size"]) == (128, batch)
+  assert capsys.readouterr().out == line

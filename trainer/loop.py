@@ -359,6 +359,77 @@ def _evaluations(state, eval_fn, stats_fn, config, mesh, sources) -> dict:
   return out
 
 
+def _check_finite(metrics, step, pos, checkpoints) -> None:
+  """Raises TrainingDiverged, naming the last checkpoint, on a NaN or
+  infinite training loss."""
+  loss = float(metrics["train_loss"])
+  if math.isfinite(loss):
+    return
+  latest = checkpoints.latest_step()
+  where = ("no checkpoint yet" if latest is None else
+           f"last checkpoint: step {latest} in {checkpoints.directory}")
+  raise TrainingDiverged(
+      f"non-finite loss {loss} at step {step} "
+      f"(stage {pos.stage}, B={pos.batch_size}); {where}")
+
+
+def _log_train(writer, is_chief, plan, pos, step, examples_seen, metrics,
+               noise_scale, clock, run_start, **timings) -> None:
+  """Writes the `train` record of this step (examples/s over the window
+  since the last one, which `clock` restarts) and prints its progress line
+  with the ETA on the chief."""
+  n = plan.num_train_examples
+  rate = clock.rate(examples_seen)
+  clock.reset(examples_seen)
+  record = dict(
+      examples_seen=examples_seen, epoch=examples_seen / n,
+      stage=pos.stage, batch_size=pos.batch_size,
+      learning_rate=pos.learning_rate, momentum=pos.momentum,
+      noise_scale=pos.noise_scale,
+      **{k: float(v) for k, v in metrics.items()},
+      **({} if noise_scale is None else dict(grad_noise_scale=noise_scale)),
+      examples_per_second=rate, **timings,
+      peak_host_memory_mb=_peak_host_memory_mb(),
+      wall_time=time.perf_counter() - run_start)
+  writer.write("train", step, **record)
+  if is_chief:
+    eta = (plan.total_examples - examples_seen) / max(rate, 1e-9)
+    print(f"step {step}/{plan.total_updates} epoch {examples_seen / n:.2f} "
+          f"stage {pos.stage} B={pos.batch_size} "
+          f"lr={pos.learning_rate:.4g} "
+          f"loss {record['train_loss']:.4f} "
+          f"acc {record['train_accuracy']:.3f} {rate:,.0f} ex/s "
+          f"ETA {_format_eta(eta)}", flush=True)
+
+
+def _decide_batch(writer, is_chief, schedule, batch0, pos, step,
+                  examples_seen, n, noise_scale) -> int:
+  """The adaptive schedule's batch size from here on, recorded (and
+  printed on the chief when it changes)."""
+  batch = adaptive_lib.decide(schedule, batch0, pos.batch_size, noise_scale)
+  writer.write("batch_decision", step, examples_seen=examples_seen,
+               epoch=examples_seen / n, grad_noise_scale=noise_scale,
+               previous_batch_size=pos.batch_size, batch_size=batch)
+  if is_chief and batch != pos.batch_size:
+    print(f"adaptive: B {pos.batch_size} → {batch} at epoch "
+          f"{examples_seen / n:.2f} (B_simple {noise_scale:.1f})", flush=True)
+  return batch
+
+
+def _log_eval(writer, is_chief, step, examples_seen, n, run_start,
+              evaluation) -> None:
+  """Writes the `eval` record and prints its line on the chief."""
+  writer.write("eval", step, examples_seen=examples_seen,
+               epoch=examples_seen / n,
+               wall_time=time.perf_counter() - run_start, **evaluation)
+  if is_chief:
+    ema = (f" (EMA weights: {evaluation['ema_eval_accuracy']:.4f})"
+           if "ema_eval_accuracy" in evaluation else "")
+    print(f"eval at epoch {examples_seen / n:.2f}: "
+          f"loss {evaluation['eval_loss']:.4f} "
+          f"accuracy {evaluation['eval_accuracy']:.4f}{ema}", flush=True)
+
+
 def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
          mesh, compiler, eval_fn, stats_fn, checkpoints, writer, is_chief,
          sources, preemption):
@@ -406,70 +477,30 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
         step_time = time.perf_counter() - start
         examples_seen = pos.examples_seen + pos.batch_size
         step = pos.step + 1
-        if not math.isfinite(float(metrics["train_loss"])):
-          latest = checkpoints.latest_step()
-          where = ("no checkpoint yet" if latest is None else
-                   f"last checkpoint: step {latest} in {checkpoints.directory}")
-          raise TrainingDiverged(
-              f"non-finite loss {float(metrics['train_loss'])} at step {step} "
-              f"(stage {pos.stage}, B={pos.batch_size}); {where}")
+        _check_finite(metrics, step, pos, checkpoints)
         noise_scale = _update_noise_scale(
             noise, metrics, pos.batch_size, mesh.size,
             config.noise_scale_horizon_epochs * n)
         stage_end = examples_seen >= stage.end_examples
         if step % config.log_every_steps == 0 or stage_end:
-          rate = clock.rate(examples_seen)
-          clock.reset(examples_seen)
-          record = dict(
-              examples_seen=examples_seen, epoch=examples_seen / n,
-              stage=pos.stage, batch_size=pos.batch_size,
-              learning_rate=pos.learning_rate, momentum=pos.momentum,
-              noise_scale=pos.noise_scale,
-              **{k: float(v) for k, v in metrics.items()},
-              **({} if noise_scale is None else
-                 dict(grad_noise_scale=noise_scale)),
-              examples_per_second=rate, step_time=step_time,
-              compile_wait=compile_wait,
-              peak_host_memory_mb=_peak_host_memory_mb(),
-              wall_time=time.perf_counter() - run_start)
-          writer.write("train", step, **record)
-          if is_chief:
-            eta = (plan.total_examples - examples_seen) / max(rate, 1e-9)
-            print(f"step {step}/{plan.total_updates} epoch {examples_seen / n:.2f} "
-                  f"stage {pos.stage} B={pos.batch_size} "
-                  f"lr={pos.learning_rate:.4g} "
-                  f"loss {record['train_loss']:.4f} "
-                  f"acc {record['train_accuracy']:.3f} {rate:,.0f} ex/s "
-                  f"ETA {_format_eta(eta)}", flush=True)
+          _log_train(writer, is_chief, plan, pos, step, examples_seen,
+                     metrics, noise_scale, clock, run_start,
+                     step_time=step_time, compile_wait=compile_wait)
         done = examples_seen >= plan.total_examples
         if adaptive and examples_seen >= next_decide and not done:
           next_decide = adaptive_lib.next_decision(examples_seen, decide_every)
-          batch = adaptive_lib.decide(s, batch0, pos.batch_size, noise_scale)
-          writer.write("batch_decision", step, examples_seen=examples_seen,
-                       epoch=examples_seen / n, grad_noise_scale=noise_scale,
-                       previous_batch_size=pos.batch_size, batch_size=batch)
+          batch = _decide_batch(writer, is_chief, s, batch0, pos, step,
+                                examples_seen, n, noise_scale)
           if batch != pos.batch_size:
             decisions.append((examples_seen, batch))
             plan = plan_lib.plan_from_config(config, mesh.size, decisions)
             replanned = True
-            if is_chief:
-              print(f"adaptive: B {pos.batch_size} → {batch} at epoch "
-                    f"{examples_seen / n:.2f} (B_simple {noise_scale:.1f})",
-                    flush=True)
         if examples_seen >= next_eval or done:
           next_eval = (examples_seen // eval_every + 1) * eval_every
           last_eval = _evaluations(state, eval_fn, stats_fn, config, mesh,
                                    sources)
-          writer.write("eval", step, examples_seen=examples_seen,
-                       epoch=examples_seen / n,
-                       wall_time=time.perf_counter() - run_start, **last_eval)
-          if is_chief:
-            ema = (f" (EMA weights: {last_eval['ema_eval_accuracy']:.4f})"
-                   if "ema_eval_accuracy" in last_eval else "")
-            print(f"eval at epoch {examples_seen / n:.2f}: "
-                  f"loss {last_eval['eval_loss']:.4f} "
-                  f"accuracy {last_eval['eval_accuracy']:.4f}{ema}",
-                  flush=True)
+          _log_eval(writer, is_chief, step, examples_seen, n, run_start,
+                    last_eval)
           clock.reset(examples_seen)  # Evaluation time is not training time.
         preempted = preemption.should_stop(step)
         if (stage_end or replanned or done or preempted
