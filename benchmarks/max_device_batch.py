@@ -25,6 +25,7 @@ stage's batch. `--time_limit` stops before a size that would start past it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -58,6 +59,8 @@ def main():
                  help="device memory to fit in, for the prediction (default: "
                       "what JAX reports for arrays; none on a CPU)")
   a = p.parse_args()
+  if a.memory_gib < 0:
+    p.error(f"--memory_gib must not be negative, got {a.memory_gib}")
 
   import jax
   import numpy as np
@@ -170,7 +173,7 @@ def predicted_gib(measured: dict, b: int) -> float | None:
     return None
   (b1, m1), (b2, m2) = sorted(measured.items())[-2:]
   predicted = m2 + (m2 - m1) / (b2 - b1) * (b - b2)
-  return None if predicted != predicted else predicted
+  return None if math.isnan(predicted) else predicted
 
 
 def predicted_not_to_fit(measured: dict, b: int,

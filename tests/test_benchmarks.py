@@ -3,6 +3,7 @@ script."""
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +191,14 @@ def test_reference_step_rows(variances, gradients, relus, want):
   assert [who for who, *_ in rows] == want
   assert all((relu == relus[0]) or gradient == "explicit"
              for _, _, gradient, relu in rows)
+
+
+def test_negative_memory_limit_is_refused():
+  r = subprocess.run([sys.executable, "benchmarks/max_device_batch.py",
+                      "--memory_gib=-1"], cwd=ROOT, capture_output=True,
+                     text=True, check=False)
+  assert r.returncode == 2
+  assert r.stderr.splitlines()[-1] == (
+      "max_device_batch.py: error: --memory_gib must not be negative, "
+      "got -1.0")
+  assert "Traceback" not in r.stderr

@@ -2,6 +2,7 @@
 import os
 import re
 import time
+import types
 
 import jax
 import numpy as np
@@ -200,7 +201,6 @@ class _Writer:
 
 
 def _position(**fields):
-  import types
   return types.SimpleNamespace(**dict(
       stage=1, batch_size=128, learning_rate=0.1, momentum=0.9,
       noise_scale=12.5) | fields)
@@ -208,7 +208,6 @@ def _position(**fields):
 
 @pytest.mark.parametrize("is_chief", [True, False])
 def test_train_record_and_progress_line(capsys, is_chief):
-  import types
   plan = types.SimpleNamespace(num_train_examples=1000, total_examples=3000,
                                total_updates=30)
   clock = loop._Clock(start=time.perf_counter() - 1.0, examples=0)
