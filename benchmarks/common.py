@@ -3,6 +3,7 @@ the step's scalars, and timing the step as the trainer runs it."""
 from __future__ import annotations
 
 import ast
+import collections
 import os
 import time
 
@@ -57,14 +58,23 @@ def step_hyper(mesh, learning_rate: float) -> dict:
                            bn_decay=0.9).items()}
 
 
-def seconds_per_step(step, state, batch, hyper, steps: int):
-  """One untimed step, then the mean seconds of `steps` steps, each waited
-  for as the trainer's loop does; returns (state, seconds)."""
+def seconds_per_step(step, state, batch, hyper, steps: int,
+                     in_flight: int = 1):
+  """One untimed step, then the mean seconds of `steps` steps, whose
+  metrics are read as the trainer's loop reads them: with `in_flight=1`
+  each step's before the next is dispatched, with 2 the previous step's
+  after the next is dispatched (config.steps_in_flight). Returns (state,
+  seconds)."""
   import jax
   state, metrics = step(state, batch, hyper)
   jax.device_get(metrics)
+  unread = collections.deque()
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = step(state, batch, hyper)
+    unread.append(metrics)
+    while len(unread) >= in_flight:
+      jax.device_get(unread.popleft())
+  for metrics in unread:
     jax.device_get(metrics)
   return state, (time.perf_counter() - start) / steps

@@ -5,12 +5,15 @@
 #      the Flax-ImageNet-style reference (CROSS=1 adds each step with
 #      the other's model): examples/s, MFU, each step's device time per
 #      kind of operation (profiler trace) and its optimised HLO.
-#   2. The largest per-device batch of that step that fits: 1,024 and
+#   2. The trainer's ResNet-50 step with each uint8 batch copied from the
+#      host, its metrics read before the next step (steps_in_flight=1) or
+#      one step later (2), alternately.
+#   3. The largest per-device batch of that step that fits: 1,024 and
 #      2,048 run, then sizes up to 4,096 whose extrapolated memory estimate
 #      fits are tried (on the H100, 2,048 ran and 4,096 had not failed
 #      after more than a minute).
-#   3. Stage switches and second-launch compile time of the smoke config.
-#   4. An ImageNet batch put as float32 normalised on the host against uint8
+#   4. Stage switches and second-launch compile time of the smoke config.
+#   5. An ImageNet batch put as float32 normalised on the host against uint8
 #      normalised on the device.
 # Each part has its own time limit and writes its output to $OUT (default
 # ./gpu_figures), so a slow or failing part leaves the others' figures.
@@ -43,7 +46,7 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1
 } | tee "$OUT/versions.txt"
 
-PARTS=${PARTS:-reference_step max_device_batch stage_switch batch_transfer}
+PARTS=${PARTS:-reference_step in_flight max_device_batch stage_switch batch_transfer}
 part() {  # Whether part $1 was asked for; prints its heading if so.
   [[ " $PARTS " == *" $1 "* ]] || return 1
   echo "== $1"
@@ -64,6 +67,11 @@ part reference_step && {
       | tee "$OUT/reference_step.txt"
   (cd /tmp/hlo && tar czf - ./*after_optimizations.txt) > "$OUT/hlo.tgz"
 }
+
+part in_flight &&
+timeout 240 "$PY" benchmarks/train_step.py --config=configs/imagenet_resnet50.py \
+    --devices=1 --batch_sizes=256 --accumulation=host --in_flight=1,2,1,2 \
+    --steps=20 2>&1 | tee "$OUT/in_flight.txt"
 
 part max_device_batch &&
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 "$PY" \

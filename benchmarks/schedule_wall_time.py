@@ -33,9 +33,11 @@ def train(config, workdir, cache, processes, overrides):
   base = [sys.executable, "-m", "trainer.main", f"--config={config}",
           f"--workdir={workdir}", f"--config.compilation_cache_dir={cache}",
           *[f"--config.{o}" for o in overrides]]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count="
-             f"{8 // processes}")
+  # CPU unless JAX_PLATFORMS names an accelerator (benchmarks/gpu_figures.sh).
+  platform = os.environ.get("JAX_PLATFORMS") or "cpu"
+  env = dict(os.environ, JAX_PLATFORMS=platform,
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+             f"--xla_force_host_platform_device_count={8 // processes}")
   if processes == 1:
     commands = [base]
   else:

@@ -4,16 +4,19 @@ accumulation modes and micro-batch sizes, side by side in one invocation.
     python benchmarks/train_step.py --config=configs/fashion_mnist.py \
         --batch_sizes=128,512,1024 --devices=8 --accumulation=host,compiled \
         [--max_device_batch=16,32,64] [--xla_flags=';--flag=value'] \
-        [--set model.width=8 ...]
+        [--in_flight=1,2] [--set model.width=8 ...]
 
 Each device count runs in its own subprocess (XLA fixes it at start-up).
 Data is random numpy on the host, handed over as the trainer does (the host
 side of micro-batching is timed too); each row runs one warm-up step, then
-`--steps` timed steps. The last column divides by the best single-batch row
+`--steps` timed steps, reading each step's metrics before the next is
+dispatched or, for `--in_flight=2`, one step later (`steps_in_flight`). The
+last column divides by the best single-batch row
 (no micro-batching) of the same device count: micro-batching should not make
 a large B slower per example than the best B that needs none.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -46,13 +49,15 @@ def measure(args):
           config, mesh=mesh, model=model, tx=tx, state=state,
           max_device_batch=device_batch, accumulation=accumulation,
           weight_average=False)
-      for b in [int(x) for x in args.batch_sizes.split(",")]:
+      for b, in_flight in itertools.product(
+          [int(x) for x in args.batch_sizes.split(",")],
+          [int(x) for x in args.in_flight.split(",")]):
         state, seconds = common.seconds_per_step(
             compiler.get(b), state, common.random_batch(rng, config.dataset, b),
-            hyper, args.steps)
+            hyper, args.steps, in_flight)
         rows.append(dict(
             devices=mesh.size, accumulation=accumulation,
-            max_device_batch=device_batch, batch_size=b,
+            max_device_batch=device_batch, batch_size=b, in_flight=in_flight,
             micro_batches=compile_lib.micro_batches(
                 b, mesh.size, device_batch, config.ghost_batch_size),
             step_seconds=seconds, examples_per_second=b / seconds))
@@ -75,10 +80,15 @@ def main():
                       "';--xla_cpu_experimental_ynn_fusion_type=' (default "
                       "flags, then no YNNPACK fusions)")
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--in_flight", default="1",
+                 help="comma-separated steps in flight to compare, e.g. 1,2 "
+                      "(each B runs them in this order)")
   p.add_argument("--set", action="append", default=[],
                  help="config override FIELD=VALUE, e.g. model.width=8")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
+  if any(x.strip() not in ("1", "2") for x in a.in_flight.split(",")):
+    p.error(f"--in_flight={a.in_flight}: each value must be 1 or 2")
   if a.child:
     print(json.dumps(measure(a)))
     return
@@ -90,8 +100,8 @@ def main():
                for r in child.run(__file__, "--child", n, f"{n} devices",
                                   flags)]
   print(f"{'devices':>7} {'accumulation':>12} {'dev.batch':>9} {'B':>6} "
-        f"{'micro':>5} {'ms/step':>8} {'ex/s':>8} {'vs best unsplit':>15}"
-        "  XLA flags")
+        f"{'micro':>5} {'flight':>6} {'ms/step':>8} {'ex/s':>8} "
+        f"{'vs best unsplit':>15}  XLA flags")
   for r in rows:
     single = [s["examples_per_second"] for s in rows
               if s["devices"] == r["devices"] and s["micro_batches"] == 1
@@ -100,7 +110,8 @@ def main():
              if single else f"{'-':>15}")
     print(f"{r['devices']:>7} {r['accumulation']:>12} "
           f"{r['max_device_batch']:>9} {r['batch_size']:>6} "
-          f"{r['micro_batches']:>5} {1000 * r['step_seconds']:>8.1f} "
+          f"{r['micro_batches']:>5} {r['in_flight']:>6} "
+          f"{1000 * r['step_seconds']:>8.1f} "
           f"{r['examples_per_second']:>8.0f} {ratio}  {r['xla_flags']}")
 
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import child, max_device_batch, reference_step, trace_ops
+from benchmarks import child, common, max_device_batch, reference_step
+from benchmarks import steps_in_flight, trace_ops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -202,3 +203,45 @@ def test_negative_memory_limit_is_refused():
       "max_device_batch.py: error: --memory_gib must not be negative, "
       "got -1.0")
   assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("in_flight,want", [
+    (1, ["d1", "r1", "d2", "r2", "d3", "r3"]),
+    (2, ["d1", "d2", "r1", "d3", "r2", "r3"]),
+])
+def test_timed_steps_read_their_metrics_as_the_loop_does(monkeypatch,
+                                                        in_flight, want):
+  events = []
+
+  def step(state, batch, hyper):
+    del batch, hyper
+    events.append(f"d{state}")
+    return state + 1, {"n": np.int32(state)}
+
+  monkeypatch.setattr(jax, "device_get",
+                      lambda m: events.append(f"r{int(m['n'])}"))
+  state, seconds = common.seconds_per_step(step, 0, None, None, steps=3,
+                                           in_flight=in_flight)
+  assert state == 4 and seconds > 0
+  assert events[:2] == ["d0", "r0"]  # The untimed warm-up step.
+  assert events[2:] == want
+
+
+def test_train_step_refuses_an_in_flight_other_than_1_or_2():
+  r = subprocess.run([sys.executable, "benchmarks/train_step.py",
+                      "--in_flight=1,3"], cwd=ROOT, capture_output=True,
+                     text=True, check=False)
+  assert r.returncode == 2
+  assert r.stderr.splitlines()[-1] == (
+      "train_step.py: error: --in_flight=1,3: each value must be 1 or 2")
+  assert "Traceback" not in r.stderr
+
+
+def test_steps_in_flight_scales_the_schedule():
+  assert steps_in_flight.scaled_schedule("configs/fashion_mnist.py", [],
+                                         0.5) == [
+      "schedule.num_epochs=0.5", "schedule.milestones_epochs=(0.2, 0.35, 0.45)",
+      "eval_every_epochs=0.5"]
+  assert steps_in_flight.scaled_schedule(
+      "configs/fashion_mnist.py", ["schedule.num_epochs=20.0"], 2.0)[1] == (
+          "schedule.milestones_epochs=(0.4, 0.7, 0.9)")

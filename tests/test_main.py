@@ -30,6 +30,9 @@ BAD = [
      "max_device_batch=12 is not a multiple of ghost_batch_size=8"),
     ([SMOKE, "--config.eval_batch_size=100"],
      "eval_batch_size=100 must be a positive multiple of the device count 8"),
+    ([SMOKE, "--config.steps_in_flight=0"],
+     "steps_in_flight=0 must be 1 (read each step's metrics before the next) "
+     "or 2 (one step ahead); unset: 1 on the CPU, 2 elsewhere"),
     ([SMOKE, "--config.accumulation=device"],
      "accumulation='device' is not one of host, compiled"),
     ([SMOKE, "--config.weight_average=ema", "--config.ema_horizon_epochs=0.0"],

@@ -181,6 +181,78 @@ def test_weight_average_is_evaluated_without_changing_training(run, tmp_path):
   assert any(jax.tree_util.tree_leaves(differs))
 
 
+_TIMINGS = {"step_time", "compile_wait", "examples_per_second", "wall_time",
+            "peak_host_memory_mb"}
+
+
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_steps_in_flight_order_and_same_training(run, tmp_path, monkeypatch,
+                                                  steps_in_flight):
+  """With 2, step t+1 is dispatched before step t's metrics are read, except
+  after the steps whose state is saved or evaluated (stage ends, the
+  checkpoint interval); with 1, each step is read before the next. Either
+  way the run trains the same: every record but the timings is equal to the
+  fixture's (unset: 1 on the CPU)."""
+  events = []
+  get, read = compile_lib.StepCompiler.get, loop._StepReader.read
+
+  def logged_get(self, batch_size):
+    step_fn = get(self, batch_size)
+
+    def step(state, local, hyper):
+      events.append(("dispatch", len([e for e in events
+                                      if e[0] == "dispatch"]) + 1))
+      return step_fn(state, local, hyper)
+    return step
+
+  def logged_read(self, dispatched):
+    events.append(("read", dispatched.pos.step + 1))
+    return read(self, dispatched)
+
+  monkeypatch.setattr(compile_lib.StepCompiler, "get", logged_get)
+  monkeypatch.setattr(loop._StepReader, "read", logged_read)
+  config, plain_dir, plain = run
+  config = tiny_config()
+  config.steps_in_flight = steps_in_flight
+  final = loop.train_and_evaluate(config, str(tmp_path))
+
+  synced = {10, 16, 20, 24, 28}  # Checkpoint interval 10; stage ends.
+  expected = []
+  for t in range(1, 29):
+    expected.append(("dispatch", t))
+    if steps_in_flight == 2 and t - 1 >= 1 and t - 1 not in synced:
+      expected.append(("read", t - 1))
+    if steps_in_flight == 1 or t in synced:
+      expected.append(("read", t))
+  assert events == expected
+  assert final == plain
+  for kind in ("train", "eval"):
+    ours, theirs = (
+        [{k: v for k, v in r.items() if k not in _TIMINGS}
+         for r in metrics_lib.read_metrics(d, kind)]
+        for d in (str(tmp_path), plain_dir))
+    assert ours == theirs and ours
+
+
+def test_bad_steps_in_flight_is_refused(tmp_path):
+  config = tiny_config()
+  config.steps_in_flight = 3
+  with pytest.raises(compile_lib.ConfigError,
+                     match=r"steps_in_flight=3 must be 1 \(read each step's "
+                     r"metrics before the next\) or 2 \(one step ahead\); "
+                     r"unset: 1 on the CPU, 2 elsewhere$"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_steps_in_flight_unset_is_1_on_the_cpu():
+  config = tiny_config()
+  assert config.steps_in_flight is None and jax.default_backend() == "cpu"
+  assert loop.steps_in_flight(config) == 1
+  config.steps_in_flight = 2
+  assert loop.steps_in_flight(config) == 2
+
+
 def test_bad_weight_average_is_refused(tmp_path):
   config = tiny_config()
   config.weight_average = "swa"

@@ -110,6 +110,7 @@ def train_and_evaluate(config, workdir: str,
   mesh = mesh_lib.make_mesh()
   plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
   _check_eval_batch(config, mesh.size)
+  steps_in_flight(config)
   compile_lib.check_accumulation(config.accumulation)
   _check_weight_average(config, mesh.size)
   sizes = list(plan.batch_sizes)
@@ -327,6 +328,18 @@ def _check_adaptive(config, num_devices):
         f"dataset.num_train_examples={n}")
 
 
+def steps_in_flight(config) -> int:
+  """`config.steps_in_flight`, or where unset 1 on the CPU and 2 elsewhere."""
+  n = config.steps_in_flight
+  if n is None:
+    return 1 if jax.default_backend() == "cpu" else 2
+  if n not in (1, 2):
+    raise compile_lib.ConfigError(
+        f"steps_in_flight={n} must be 1 (read each step's metrics before the "
+        "next) or 2 (one step ahead); unset: 1 on the CPU, 2 elsewhere")
+  return n
+
+
 def _check_eval_batch(config, num_devices):
   b = config.eval_batch_size
   if b <= 0 or b % num_devices:
@@ -430,10 +443,64 @@ def _log_eval(writer, is_chief, step, examples_seen, n, run_start,
           f"accuracy {evaluation['eval_accuracy']:.4f}{ema}", flush=True)
 
 
+@dataclasses.dataclass
+class _Dispatched:
+  """A step handed to the devices whose metrics the host has not read."""
+  plan: plan_lib.Plan
+  pos: plan_lib.Position
+  metrics: dict  # Device arrays until read.
+  start: float  # When the host began the step (compile wait included).
+  compile_wait: float
+
+
+class _StepReader:
+  """Reads dispatched steps' metrics in order: the finite-loss check, the
+  noise scale and the `train` record.
+
+  A step's `step_time` runs from its start, or from the previous step's
+  metrics arriving if that was later (the step was queued behind it),
+  to its own metrics arriving: the device's step time when steps overlap.
+  """
+
+  def __init__(self, config, mesh, noise, checkpoints, writer, is_chief,
+               clock, run_start):
+    self._config, self._mesh, self._noise = config, mesh, noise
+    self._checkpoints, self._writer = checkpoints, writer
+    self._is_chief, self._clock, self._run_start = is_chief, clock, run_start
+    self._last_read = -math.inf
+
+  def read(self, d: _Dispatched) -> float | None:
+    """Waits for `d`'s metrics, checks and logs them; returns B_simple (or
+    None)."""
+    metrics = jax.device_get(d.metrics)
+    now = time.perf_counter()
+    step_time = now - max(d.start, self._last_read)
+    self._last_read = now
+    pos, n = d.pos, d.plan.num_train_examples
+    examples_seen, step = pos.examples_seen + pos.batch_size, pos.step + 1
+    _check_finite(metrics, step, pos, self._checkpoints)
+    noise_scale = _update_noise_scale(
+        self._noise, metrics, pos.batch_size, self._mesh.size,
+        self._config.noise_scale_horizon_epochs * n)
+    stage_end = examples_seen >= d.plan.stages[pos.stage].end_examples
+    if step % self._config.log_every_steps == 0 or stage_end:
+      _log_train(self._writer, self._is_chief, d.plan, pos, step,
+                 examples_seen, metrics, noise_scale, self._clock,
+                 self._run_start, step_time=step_time,
+                 compile_wait=d.compile_wait)
+    return noise_scale
+
+
 def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
          mesh, compiler, eval_fn, stats_fn, checkpoints, writer, is_chief,
          sources, preemption):
   """The step loop; `wall_time` (seconds) continues a resumed run's clock.
+
+  With 2 `steps_in_flight` the host dispatches step t+1 before it
+  reads step t's metrics, so its per-step work (the next batch, its copy to
+  the devices, logging) overlaps the devices' compute. Steps that end a
+  stage, evaluate, decide the batch or save are read before the next one is
+  dispatched: the state they act on is the one their metrics describe.
 
   An adaptive schedule's batch decision ends the input stream and starts a
   new one, from the same example, with the replanned batch sizes.
@@ -455,7 +522,10 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
   compiler.start(list(dict.fromkeys(sizes)))
   run_start = time.perf_counter() - wall_time
   clock = _Clock(time.perf_counter(), examples_seen)
-  last_eval, preempted, replanned = {}, False, True
+  reader = _StepReader(config, mesh, noise, checkpoints, writer, is_chief,
+                       clock, run_start)
+  in_flight = steps_in_flight(config)
+  last_eval, preempted, replanned, unread = {}, False, True, None
   while replanned and not preempted:
     replanned = False
     with input_pipeline.train_batches(
@@ -464,47 +534,43 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
         process_count=jax.process_count(), source=sources["train"]) as stream:
       for local in stream:
         pos = plan.at(local["examples_seen"])
-        stage = plan.stages[pos.stage]
-        # step_time includes any wait for this stage's compile to finish.
         start = time.perf_counter()
         step_fn = compiler.get(pos.batch_size)
         compile_wait = time.perf_counter() - start
         state, metrics = step_fn(state, local,
                                  _step_hyper(config, pos, n, replicated))
-        # Waiting for each step keeps one step in flight; on CPU meshes two
-        # in-flight steps can deadlock XLA's in-process all-reduce.
-        metrics = jax.device_get(metrics)
-        step_time = time.perf_counter() - start
+        dispatched = _Dispatched(plan, pos, metrics, start, compile_wait)
+        if unread is not None:  # The previous step; this one queues behind.
+          reader.read(unread)
+          unread = None
         examples_seen = pos.examples_seen + pos.batch_size
         step = pos.step + 1
-        _check_finite(metrics, step, pos, checkpoints)
-        noise_scale = _update_noise_scale(
-            noise, metrics, pos.batch_size, mesh.size,
-            config.noise_scale_horizon_epochs * n)
-        stage_end = examples_seen >= stage.end_examples
-        if step % config.log_every_steps == 0 or stage_end:
-          _log_train(writer, is_chief, plan, pos, step, examples_seen,
-                     metrics, noise_scale, clock, run_start,
-                     step_time=step_time, compile_wait=compile_wait)
+        stage_end = examples_seen >= plan.stages[pos.stage].end_examples
         done = examples_seen >= plan.total_examples
-        if adaptive and examples_seen >= next_decide and not done:
+        decide = (adaptive and examples_seen >= next_decide and not done)
+        evaluate_now = examples_seen >= next_eval or done
+        preempted = preemption.should_stop(step)
+        save = stage_end or done or preempted or checkpoints.due(step)
+        if in_flight > 1 and not (decide or evaluate_now or save):
+          unread = dispatched
+          continue
+        noise_scale = reader.read(dispatched)
+        if decide:
           next_decide = adaptive_lib.next_decision(examples_seen, decide_every)
           batch = _decide_batch(writer, is_chief, s, batch0, pos, step,
                                 examples_seen, n, noise_scale)
           if batch != pos.batch_size:
             decisions.append((examples_seen, batch))
             plan = plan_lib.plan_from_config(config, mesh.size, decisions)
-            replanned = True
-        if examples_seen >= next_eval or done:
+            replanned = save = True
+        if evaluate_now:
           next_eval = (examples_seen // eval_every + 1) * eval_every
           last_eval = _evaluations(state, eval_fn, stats_fn, config, mesh,
                                    sources)
           _log_eval(writer, is_chief, step, examples_seen, n, run_start,
                     last_eval)
           clock.reset(examples_seen)  # Evaluation time is not training time.
-        preempted = preemption.should_stop(step)
-        if (stage_end or replanned or done or preempted
-            or checkpoints.due(step)):
+        if save:
           checkpoints.save(step, state, dict(
               examples_seen=examples_seen, step=step, stage=pos.stage,
               wall_time=time.perf_counter() - run_start,
@@ -513,5 +579,7 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
           writer.sync()
         if preempted or replanned:
           break
+  if unread is not None:  # Only if the stream ended before the plan did.
+    reader.read(unread)
   return dict(step=int(state.step), examples_seen=examples_seen,
               preempted=preempted, **last_eval)
