@@ -1,6 +1,7 @@
 """train_and_evaluate: the loop that follows the plan by examples seen."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -83,15 +84,26 @@ def _format_eta(seconds: float) -> str:
 
 
 def evaluate(state, eval_fn, config, mesh, source) -> dict:
-  """Loss and accuracy over the whole eval split (padding masked out)."""
+  """Loss and accuracy over the whole eval split (padding masked out), with
+  `steps_in_flight` batches dispatched before the oldest one's sums are
+  read."""
   totals = dict(loss_sum=0.0, correct_sum=0.0, count=0.0)
+  in_flight, unread = steps_in_flight(config), collections.deque()
+
+  def read(out):
+    out = jax.device_get(out)
+    for k in totals:
+      totals[k] += float(out[k])
+
   with input_pipeline.eval_batches(
       config, config.eval_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), source=source) as batches:
     for batch in batches:
-      out = jax.device_get(eval_fn(state, mesh_lib.global_batch(batch, mesh)))
-      for k in totals:
-        totals[k] += float(out[k])
+      unread.append(eval_fn(state, mesh_lib.global_batch(batch, mesh)))
+      while len(unread) >= in_flight:
+        read(unread.popleft())
+  while unread:
+    read(unread.popleft())
   count = max(totals["count"], 1.0)
   return dict(eval_loss=totals["loss_sum"] / count,
               eval_accuracy=totals["correct_sum"] / count,
