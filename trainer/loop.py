@@ -508,7 +508,7 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
          sources, preemption):
   """The step loop; `wall_time` (seconds) continues a resumed run's clock.
 
-  With 2 `steps_in_flight` the host dispatches step t+1 before it
+  With `steps_in_flight` at 2 the host dispatches step t+1 before it
   reads step t's metrics, so its per-step work (the next batch, its copy to
   the devices, logging) overlaps the devices' compute. Steps that end a
   stage, evaluate, decide the batch or save are read before the next one is
