@@ -24,6 +24,8 @@ setuptools.setup(
         "tensorboardX>=2.6,<2.7",
         "matplotlib>=3.8,<4",
         "pillow>=10",
+        # Resizing crops, and TFDS's image decoding (which uses it when present).
+        "opencv-python-headless>=4.8,<6",
         "etils[epath]>=1.5",
     ],
     extras_require={

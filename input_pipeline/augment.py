@@ -9,19 +9,25 @@ operation on the devices: models/pixels.py).
   Eval images are used as they are.
 * `'inception'` (ImageNet): a random box of `inception_area_range` of the area
   and `inception_aspect_range` width/height (10 tries, else the centre box of
-  the nearest allowed aspect), resized to image_size (bicubic, antialiased),
-  then the flip. Eval: the centred square of `eval_crop_fraction` of the
-  shorter side, resized to image_size.
+  the nearest allowed aspect), resized to image_size (bicubic, not
+  antialiased, as Flax's ImageNet example's tf.image.resize), then the flip.
+  Eval: the centred square of `eval_crop_fraction` of the shorter side
+  (whole pixels), resized to image_size.
+
+Resizing is OpenCV's: 0.3 ms for a 224 crop of a 400x350 image against
+2.1 ms for PIL's antialiased bicubic (README, Input pipeline). It releases
+the GIL, so the pipeline's worker threads resize in parallel; OpenCV's own
+thread pool is switched off so that those threads are the only parallelism.
 
 Every random number comes in `draws`, a row per example drawn from
 (seed, epoch, example index) by the caller: this file holds no generator.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
-from PIL import Image
 
 from input_pipeline.errors import DataError
 
@@ -97,8 +103,8 @@ def eval_images(d, images: list[np.ndarray]) -> np.ndarray:
   out = np.empty((len(images), d.image_size, d.image_size, d.channels), np.uint8)
   for k, image in enumerate(images):
     h, w = image.shape[:2]
-    side = min(h, w) * d.eval_crop_fraction
-    top, left = (h - side) / 2, (w - side) / 2
+    side = max(1, round(min(h, w) * d.eval_crop_fraction))
+    top, left = (h - side) // 2, (w - side) // 2
     out[k] = _resize(image, (left, top, left + side, top + side), d.image_size)
   return out
 
@@ -120,7 +126,8 @@ def _pad_crop_flip(batch, draws, padding: int, random_flip: bool):
 
 
 def _inception_boxes(d, sizes: np.ndarray, draws: np.ndarray) -> np.ndarray:
-  """[n, 4] float boxes (left, top, right, bottom) of the random crops."""
+  """[n, 4] boxes (left, top, right, bottom) of the random crops, whole
+  pixels (as floats)."""
   t = _INCEPTION_TRIES
   h, w = sizes[:, :1].astype(np.float64), sizes[:, 1:].astype(np.float64)
   (a_lo, a_hi), (r_lo, r_hi) = d.inception_area_range, d.inception_aspect_range
@@ -156,11 +163,20 @@ def _inception_train(d, images, draws):
   return out
 
 
+@functools.cache
+def _cv2():
+  """OpenCV, imported at the first resize (only 'inception' resizes), with
+  its own thread pool switched off."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  cv2.setNumThreads(1)
+  return cv2
+
+
 def _resize(image: np.ndarray, box, size: int) -> np.ndarray:
-  """The `box` (left, top, right, bottom) of `image` resized to size x size."""
-  gray = image.shape[2] == 1
-  pil = Image.fromarray(image[:, :, 0] if gray else image)
-  # PIL releases the GIL here, so worker threads resize in parallel.
-  resized = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC,
-                                  box=tuple(float(b) for b in box)))
-  return resized[:, :, None] if gray else resized
+  """The `box` (left, top, right, bottom; whole pixels) of `image` resized
+  to size x size."""
+  cv2 = _cv2()
+  left, top, right, bottom = (int(b) for b in box)
+  resized = cv2.resize(image[top:bottom, left:right], (size, size),
+                       interpolation=cv2.INTER_CUBIC)
+  return resized.reshape(size, size, image.shape[2])

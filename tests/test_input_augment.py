@@ -60,6 +60,33 @@ def test_inception_output_shape_and_constant_image():
   assert (out == 77).all()
 
 
+def test_inception_resizes_its_box_and_nothing_outside_it():
+  """An image dark left of column 40 and bright from it: a box drawn inside
+  the bright part comes out bright everywhere (the resize reads the box,
+  not its surroundings); the same box shifted left of it comes out dark."""
+  image = np.zeros((60, 80, 3), np.uint8)
+  image[:, 40:] = 200
+  bright = augment._resize(image, (40, 10, 80, 50), 8)
+  dark = augment._resize(image, (0, 10, 40, 50), 8)
+  assert bright.shape == dark.shape == (8, 8, 3)
+  assert (bright == 200).all() and (dark == 0).all()
+  gray = augment._resize(image[:, :, :1], (40, 0, 60, 60), 5)
+  assert gray.shape == (5, 5, 1) and (gray == 200).all()
+
+
+def test_eval_takes_the_centred_square():
+  """A frame of zeros around a 200-valued centre: the centred square of
+  half the shorter side lies inside the centre."""
+  d = _dataset(augment="inception", image_size=8, channels=3).dataset
+  d.eval_crop_fraction = 0.5
+  image = np.zeros((41, 61, 3), np.uint8)
+  image[10:31, 20:41] = 200  # Centred 21 x 21; the square is 20 x 20.
+  (out,) = augment.eval_images(d, [image])
+  assert out.shape == (8, 8, 3) and (out == 200).all()
+  image[10:31, 20:41][0, 0] = 0  # Its corner pixel is inside the square.
+  assert augment.eval_images(d, [image])[0, 0, 0, 0] < 200
+
+
 def test_synthetic_source_is_deterministic_and_seeded():
   config = _dataset(image_size=16)
   a, b = sources.make_source(config, train=True), sources.make_source(config, train=True)
