@@ -104,7 +104,7 @@ def get_base_config() -> config_dict.ConfigDict:
   # 2: the host dispatches step t+1 before it reads step t's metrics, so it
   # prepares and copies the next batch while the devices compute; 1: it
   # reads each step's metrics before the next. None: 2 on GPUs and TPUs,
-  # 1 on the CPU (whose cores the host's work shares; README, Training).
+  # 1 on the CPU (README, Training, "One step ahead", says why).
   config.steps_in_flight = placeholder(int)
   # Weight averaging: 'ema' keeps an exponential moving average of the
   # parameters spanning ~ema_horizon_epochs of examples (per-step decay

@@ -245,3 +245,14 @@ def test_steps_in_flight_scales_the_schedule():
   assert steps_in_flight.scaled_schedule(
       "configs/fashion_mnist.py", ["schedule.num_epochs=20.0"], 2.0)[1] == (
           "schedule.milestones_epochs=(0.4, 0.7, 0.9)")
+
+
+@pytest.mark.parametrize("flag", ["--epochs=0", "--rounds=0"])
+def test_steps_in_flight_refuses_an_empty_comparison(flag):
+  r = subprocess.run([sys.executable, "benchmarks/steps_in_flight.py", flag],
+                     cwd=ROOT, capture_output=True, text=True, check=False)
+  assert r.returncode == 2
+  assert r.stderr.splitlines()[-1] == (
+      "steps_in_flight.py: error: --epochs must be positive and --rounds at "
+      "least 1")
+  assert "Traceback" not in r.stderr
