@@ -14,8 +14,9 @@ operation on the devices: models/pixels.py).
   Eval: the centred square of `eval_crop_fraction` of the shorter side
   (whole pixels), resized to image_size.
 
-Resizing is OpenCV's: 0.3 ms for a 224 crop of a 400x350 image against
-2.1 ms for PIL's antialiased bicubic (README, Input pipeline). It releases
+Resizing is OpenCV's: 0.3 ms to bring a crop of half an ImageNet-sized image
+to 224 px, against 2.1 ms for PIL's antialiased bicubic (README, Input
+pipeline). It releases
 the GIL, so the pipeline's worker threads resize in parallel; OpenCV's own
 thread pool is switched off so that those threads are the only parallelism.
 
