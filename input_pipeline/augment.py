@@ -16,9 +16,9 @@ operation on the devices: models/pixels.py).
 
 Resizing is OpenCV's: 0.3 ms to bring a crop of half an ImageNet-sized image
 to 224 px, against 2.1 ms for PIL's antialiased bicubic (README, Input
-pipeline). It releases
-the GIL, so the pipeline's worker threads resize in parallel; OpenCV's own
-thread pool is switched off so that those threads are the only parallelism.
+pipeline). It releases the GIL, so the pipeline's worker threads resize in
+parallel; OpenCV's own thread pool is switched off so that those threads are
+the only parallelism.
 
 Every random number comes in `draws`, a row per example drawn from
 (seed, epoch, example index) by the caller: this file holds no generator.
