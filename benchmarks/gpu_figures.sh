@@ -15,16 +15,20 @@
 #   4. Stage switches and second-launch compile time of the smoke config.
 #   5. An ImageNet batch put as float32 normalised on the host against uint8
 #      normalised on the device.
+#   6. The input pipeline on that machine's cores (8 and 16 workers): the
+#      ImageNet-style decode and crop per core, against the step's rate.
 # Each part has its own time limit and writes its output to $OUT (default
 # ./gpu_figures), so a slow or failing part leaves the others' figures.
 #
 #   bash benchmarks/gpu_figures.sh      # from the repository root
 #   PARTS="reference_step max_device_batch" bash benchmarks/gpu_figures.sh
 #
-# Python packages the GPU image may lack (ml-collections, tensorboardX) are
+# Python packages the GPU image may lack (ml-collections, tensorboardX,
+# opencv-python-headless: 61 MB, which still fits the device tool's 64 MiB) are
 # installed from wheels in .whl/ when that folder exists; made beforehand with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 -d .whl ml-collections tensorboardX
+#       --platform manylinux_2_28_x86_64 -d .whl ml-collections tensorboardX \
+#       opencv-python-headless
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-gpu_figures}
@@ -46,7 +50,7 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1
 } | tee "$OUT/versions.txt"
 
-PARTS=${PARTS:-reference_step in_flight max_device_batch stage_switch batch_transfer}
+PARTS=${PARTS:-reference_step in_flight max_device_batch stage_switch batch_transfer input_pipeline}
 part() {  # Whether part $1 was asked for; prints its heading if so.
   [[ " $PARTS " == *" $1 "* ]] || return 1
   echo "== $1"
@@ -86,5 +90,9 @@ timeout 100 "$PY" benchmarks/stage_switch.py --accumulation=host \
 part batch_transfer &&
 timeout 60 "$PY" benchmarks/batch_transfer.py --repeats=20 2>&1 \
     | tee "$OUT/batch_transfer.txt"
+
+part input_pipeline &&
+timeout 120 "$PY" -m benchmarks.input_pipeline --seconds=4 --workers=8,16 \
+    --step_batch_sizes= 2>&1 | tee "$OUT/input_pipeline.txt"
 
 exit 0  # A skipped or failed part leaves the others' figures.
