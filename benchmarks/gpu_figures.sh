@@ -7,7 +7,8 @@
 #      kind of operation (profiler trace) and its optimised HLO.
 #   2. The trainer's ResNet-50 step with each uint8 batch copied from the
 #      host, its metrics read before the next step (steps_in_flight=1) or
-#      one step later (2), alternately.
+#      one step later (2), alternately; and part 1's comparison with both
+#      steps waited for one step later (reference_in_flight).
 #   3. The largest per-device batch of that step that fits: 1,024 and
 #      2,048 run, then sizes up to 4,096 whose extrapolated memory estimate
 #      fits are tried (on the H100, 2,048 ran and 4,096 had not failed
@@ -50,7 +51,7 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1
 } | tee "$OUT/versions.txt"
 
-PARTS=${PARTS:-reference_step in_flight max_device_batch stage_switch batch_transfer input_pipeline}
+PARTS=${PARTS:-reference_step in_flight reference_in_flight max_device_batch stage_switch batch_transfer input_pipeline}
 part() {  # Whether part $1 was asked for; prints its heading if so.
   [[ " $PARTS " == *" $1 "* ]] || return 1
   echo "== $1"
@@ -76,6 +77,12 @@ part in_flight &&
 timeout 240 "$PY" benchmarks/train_step.py --config=configs/imagenet_resnet50.py \
     --devices=1 --batch_sizes=256 --accumulation=host --in_flight=1,2,1,2 \
     --steps=20 2>&1 | tee "$OUT/in_flight.txt"
+
+part reference_in_flight &&
+timeout 200 "$PY" benchmarks/reference_step.py --models=resnet50 \
+    --image_size=224 --batch_size=256 --ghost_batch_size=32 \
+    --dtype=bfloat16 --peak_size=8192 --in_flight=2 --steps=20 --rounds=2 \
+    2>&1 | tee "$OUT/reference_in_flight.txt"
 
 part max_device_batch &&
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 "$PY" \

@@ -256,3 +256,30 @@ def test_steps_in_flight_refuses_an_empty_comparison(flag):
       "steps_in_flight.py: error: --epochs must be positive and --rounds at "
       "least 1")
   assert "Traceback" not in r.stderr
+
+
+def test_reference_step_refuses_an_in_flight_other_than_1_or_2():
+  r = subprocess.run([sys.executable, "benchmarks/reference_step.py",
+                      "--in_flight=3"], cwd=ROOT, capture_output=True,
+                     text=True, check=False)
+  assert r.returncode == 2
+  assert r.stderr.splitlines()[-1] == (
+      "reference_step.py: error: --in_flight must be 1 or 2, got 3")
+  assert "Traceback" not in r.stderr
+
+
+def test_reference_runner_waits_one_step_behind(monkeypatch):
+  events = []
+
+  def step(state, batch):
+    del batch
+    events.append(f"d{state}")
+    return state + 1, state
+
+  monkeypatch.setattr(jax, "block_until_ready",
+                      lambda out: events.append(f"w{out}"))
+  run = reference_step._Runner(step, 0, None)
+  run()
+  run.one_ahead(3)
+  assert events == ["d0", "w0", "d1", "d2", "w1", "d3", "w2", "w3"]
+  assert run.state == 4
