@@ -16,6 +16,15 @@ from benchmarks import steps_in_flight, trace_ops
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _refused(script: str, *args) -> str:
+  """The last stderr line of benchmarks/`script` run with `args`, which must
+  exit with argparse's status 2 and no traceback."""
+  r = subprocess.run([sys.executable, f"benchmarks/{script}", *args],
+                     cwd=ROOT, capture_output=True, text=True, check=False)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  return r.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize("name,want", [
     ("ynn_fusion.21", "YNNPACK library fusion (conv, dot)"),
     ("cudnn-conv-bw-filter.3", "convolution"),
@@ -195,14 +204,9 @@ def test_reference_step_rows(variances, gradients, relus, want):
 
 
 def test_negative_memory_limit_is_refused():
-  r = subprocess.run([sys.executable, "benchmarks/max_device_batch.py",
-                      "--memory_gib=-1"], cwd=ROOT, capture_output=True,
-                     text=True, check=False)
-  assert r.returncode == 2
-  assert r.stderr.splitlines()[-1] == (
+  assert _refused("max_device_batch.py", "--memory_gib=-1") == (
       "max_device_batch.py: error: --memory_gib must not be negative, "
       "got -1.0")
-  assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("in_flight,want", [
@@ -228,13 +232,8 @@ def test_timed_steps_read_their_metrics_as_the_loop_does(monkeypatch,
 
 
 def test_train_step_refuses_an_in_flight_other_than_1_or_2():
-  r = subprocess.run([sys.executable, "benchmarks/train_step.py",
-                      "--in_flight=1,3"], cwd=ROOT, capture_output=True,
-                     text=True, check=False)
-  assert r.returncode == 2
-  assert r.stderr.splitlines()[-1] == (
+  assert _refused("train_step.py", "--in_flight=1,3") == (
       "train_step.py: error: --in_flight=1,3: each value must be 1 or 2")
-  assert "Traceback" not in r.stderr
 
 
 def test_steps_in_flight_scales_the_schedule():
@@ -249,23 +248,14 @@ def test_steps_in_flight_scales_the_schedule():
 
 @pytest.mark.parametrize("flag", ["--epochs=0", "--rounds=0"])
 def test_steps_in_flight_refuses_an_empty_comparison(flag):
-  r = subprocess.run([sys.executable, "benchmarks/steps_in_flight.py", flag],
-                     cwd=ROOT, capture_output=True, text=True, check=False)
-  assert r.returncode == 2
-  assert r.stderr.splitlines()[-1] == (
+  assert _refused("steps_in_flight.py", flag) == (
       "steps_in_flight.py: error: --epochs must be positive and --rounds at "
       "least 1")
-  assert "Traceback" not in r.stderr
 
 
 def test_reference_step_refuses_an_in_flight_other_than_1_or_2():
-  r = subprocess.run([sys.executable, "benchmarks/reference_step.py",
-                      "--in_flight=3"], cwd=ROOT, capture_output=True,
-                     text=True, check=False)
-  assert r.returncode == 2
-  assert r.stderr.splitlines()[-1] == (
+  assert _refused("reference_step.py", "--in_flight=3") == (
       "reference_step.py: error: --in_flight must be 1 or 2, got 3")
-  assert "Traceback" not in r.stderr
 
 
 def test_reference_runner_waits_one_step_behind(monkeypatch):
