@@ -1,4 +1,5 @@
 """End to end on CPU: a tiny multi-stage run follows its plan and resumes."""
+import itertools
 import os
 import re
 import time
@@ -193,15 +194,14 @@ def test_steps_in_flight_order_and_same_training(run, tmp_path, monkeypatch,
   checkpoint interval); with 1, each step is read before the next. Either
   way the run trains the same: every record but the timings is equal to the
   fixture's (unset: 1 on the CPU)."""
-  events = []
+  events, dispatches = [], itertools.count(1)
   get, read = compile_lib.StepCompiler.get, loop._StepReader.read
 
   def logged_get(self, batch_size):
     step_fn = get(self, batch_size)
 
     def step(state, local, hyper):
-      events.append(("dispatch", len([e for e in events
-                                      if e[0] == "dispatch"]) + 1))
+      events.append(("dispatch", next(dispatches)))
       return step_fn(state, local, hyper)
     return step
 
@@ -211,7 +211,7 @@ def test_steps_in_flight_order_and_same_training(run, tmp_path, monkeypatch,
 
   monkeypatch.setattr(compile_lib.StepCompiler, "get", logged_get)
   monkeypatch.setattr(loop._StepReader, "read", logged_read)
-  config, plain_dir, plain = run
+  _, plain_dir, plain = run
   config = tiny_config()
   config.steps_in_flight = steps_in_flight
   final = loop.train_and_evaluate(config, str(tmp_path))
