@@ -58,23 +58,29 @@ def step_hyper(mesh, learning_rate: float) -> dict:
                            bn_decay=0.9).items()}
 
 
+def run_steps(step, state, args, steps: int, in_flight: int, wait):
+  """`steps` calls of `step(state, *args) -> (state, out)`, each `out`
+  waited for (`wait(out)`) as the trainer's loop waits for a step's
+  metrics: with `in_flight=1` before the next call, with 2 after it
+  (config.steps_in_flight). Returns the last state."""
+  unread = collections.deque()
+  for _ in range(steps):
+    state, out = step(state, *args)
+    unread.append(out)
+    while len(unread) >= in_flight:
+      wait(unread.popleft())
+  for out in unread:
+    wait(out)
+  return state
+
+
 def seconds_per_step(step, state, batch, hyper, steps: int,
                      in_flight: int = 1):
-  """One untimed step, then the mean seconds of `steps` steps, whose
-  metrics are read as the trainer's loop reads them: with `in_flight=1`
-  each step's before the next is dispatched, with 2 the previous step's
-  after the next is dispatched (config.steps_in_flight). Returns (state,
-  seconds)."""
+  """One untimed step, then the mean seconds of `steps` steps whose
+  metrics are read as `run_steps` says. Returns (state, seconds)."""
   import jax
-  state, metrics = step(state, batch, hyper)
-  jax.device_get(metrics)
-  unread = collections.deque()
+  state = run_steps(step, state, (batch, hyper), 1, 1, jax.device_get)
   start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, batch, hyper)
-    unread.append(metrics)
-    while len(unread) >= in_flight:
-      jax.device_get(unread.popleft())
-  for metrics in unread:
-    jax.device_get(metrics)
+  state = run_steps(step, state, (batch, hyper), steps, in_flight,
+                    jax.device_get)
   return state, (time.perf_counter() - start) / steps

@@ -380,13 +380,10 @@ class _Runner:
   def one_ahead(self, steps: int):
     """`steps` steps, each waited for after the next one is dispatched."""
     import jax
-    previous = None
-    for _ in range(steps):
-      self.state, out = self.step(self.state, *self.rest)
-      if previous is not None:
-        jax.block_until_ready(previous)
-      previous = out
-    jax.block_until_ready(previous)
+
+    from benchmarks import common
+    self.state = common.run_steps(self.step, self.state, self.rest, steps,
+                                  2, jax.block_until_ready)
 
 
 def _flops(lowered) -> float | None:
