@@ -11,10 +11,23 @@ Cases:
   `tfds.testing.mock_data`, whose examples are JPEGs of ImageNet's typical
   sizes decoded by TFDS's own image feature (as a prepared array_record
   ImageNet would be), then the inception recipe at 224.
+* `imagenet_array_record`: the same kind of JPEGs (512 distinct) prepared by
+  TFDS as an array_record dataset in a temporary directory (TFDS writes
+  already-encoded JPEGs without TensorFlow) and read through the trainer's
+  TFDS source as a prepared ImageNet is: record reads and TFDS's example
+  parsing included.
 
 For each worker count: wall-clock examples/s, and examples per CPU-second
 (process CPU time over all threads): the per-core figure, which says how many
 cores a given step rate needs.
+
+Also how much of each example's CPU time is spent outside OpenCV's decode,
+resize, flip and colour calls, which release the GIL (process CPU time less
+the CPU time of the threads inside those calls): an upper bound on the time
+an example holds the GIL, hence a lower bound on what one process's worker
+threads can deliver however many cores the host has (`GIL ceiling`). Only
+that bound is measured; other calls (numpy's copies among them) may release
+the GIL too.
 
 Then, in the same invocation, the train step of configs/fashion_mnist.py on 8
 virtual devices at `--step_batch_sizes` (benchmarks/train_step.py, host
@@ -24,11 +37,16 @@ cores while training, so its share of them is what counts).
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -50,6 +68,7 @@ _STEP_BATCH_SIZES = flags.DEFINE_string(
     "Train step batch sizes to compare the Fashion-MNIST pipeline with "
     "(empty: skip).")
 
+ARRAY_RECORD_EXAMPLES = 512  # Distinct JPEGs written (about 24 MB).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -79,24 +98,31 @@ def imagenet_mock_config():
   return config
 
 
+def imagenet_like_jpegs(count: int) -> list[bytes]:
+  """`count` JPEGs of ImageNet's typical sizes (300-500 px a side, ~400x350
+  on average): smooth blocks plus noise, quality 90."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  jpegs = []
+  for _ in range(count):
+    h, w = rng.integers(300, 500), rng.integers(350, 500)
+    smooth = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), np.uint8)
+    image = np.repeat(np.repeat(smooth, 16, 0), 16, 1)[:h, :w]
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    jpegs.append(buffer.getvalue())
+  return jpegs
+
+
 class _JpegDataSource:
   """Stands in for ImageNet's array_record source: JPEG bytes decoded by the
   dataset's own TFDS image feature on every access."""
 
   def __init__(self, builder, num_examples: int, num_distinct: int = 32):
-    from PIL import Image
     self._feature = builder.info.features["image"]
     self._num_examples = num_examples
-    rng = np.random.default_rng(0)
-    self._jpegs = []
-    for _ in range(num_distinct):  # ImageNet's images average ~400x350.
-      h, w = rng.integers(300, 500), rng.integers(350, 500)
-      smooth = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), np.uint8)
-      image = np.repeat(np.repeat(smooth, 16, 0), 16, 1)[:h, :w]
-      image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
-      buffer = io.BytesIO()
-      Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-      self._jpegs.append(buffer.getvalue())
+    self._jpegs = imagenet_like_jpegs(num_distinct)
 
   def __len__(self):
     return self._num_examples
@@ -106,18 +132,105 @@ class _JpegDataSource:
     return {"image": self._feature.decode_example_np(jpeg), "label": index % 1000}
 
 
-def measure(config, seconds: float) -> tuple[float, float, int]:
-  """(examples/s, examples per CPU-second, examples) after a warm-up batch."""
+# OpenCV calls that release the GIL while they run, as the pipeline makes
+# them (TFDS's image feature decodes with imdecode and cvtColor).
+OPENCV_GIL_FREE = ("imdecode", "cvtColor", "resize", "flip")
+
+
+class OpenCvSeconds:
+  """Within `with`, counts the CPU seconds that threads spend inside
+  OPENCV_GIL_FREE (wrapping the cv2 module's functions, which the pipeline
+  and TFDS look up at each call); `seconds` holds the total over threads."""
+
+  def __init__(self):
+    self.seconds = 0.0
+    self._saved = {}
+
+  def __enter__(self):
+    import cv2
+    for name in OPENCV_GIL_FREE:
+      self._saved[name] = original = getattr(cv2, name)
+      setattr(cv2, name, self._timed(original))
+    return self
+
+  def _timed(self, function):
+    lock = threading.Lock()
+
+    def timed(*args, **kwargs):
+      start = time.thread_time()  # This thread's CPU time, not the wall's.
+      try:
+        return function(*args, **kwargs)
+      finally:
+        spent = time.thread_time() - start
+        with lock:
+          self.seconds += spent
+    return timed
+
+  def __exit__(self, *exc):
+    import cv2
+    for name, original in self._saved.items():
+      setattr(cv2, name, original)
+
+
+@functools.cache
+def _jpeg_builder_class():
+  """A TFDS builder of `imagenet_like_jpegs` (class made, and so registered
+  with TFDS under its name, on the first call)."""
+  import tensorflow_datasets as tfds
+
+  class ImagenetLikeJpegs(tfds.core.GeneratorBasedBuilder):
+    """JPEGs of ImageNet's sizes with 1,000 classes, one train split."""
+    VERSION = tfds.core.Version("1.0.0")
+    # Nothing to download. (TFDS would look for a checksums file beside
+    # this module, which needs importlib_resources, not installed.)
+    url_infos = None
+
+    def __init__(self, *, num_examples: int = 256, **kwargs):
+      self._num_examples = num_examples
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(encoding_format="jpeg"),
+           "label": tfds.features.ClassLabel(num_classes=1000)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      # File objects: TFDS stores their bytes as they are, no TensorFlow.
+      for i, jpeg in enumerate(imagenet_like_jpegs(self._num_examples)):
+        yield i, {"image": io.BytesIO(jpeg), "label": i % 1000}
+
+  return ImagenetLikeJpegs
+
+
+def prepare_array_record_jpegs(data_dir: str, num_examples: int) -> str:
+  """Prepares `num_examples` ImageNet-like JPEGs as a TFDS array_record
+  dataset under `data_dir`; returns its TFDS name."""
+  builder = _jpeg_builder_class()(num_examples=num_examples,
+                                  data_dir=data_dir,
+                                  file_format="array_record")
+  builder.download_and_prepare()
+  return builder.name
+
+
+def measure(config, seconds: float) -> tuple[float, float, int, float]:
+  """(examples/s, examples per CPU-second, examples, CPU seconds per example
+  outside OPENCV_GIL_FREE) after a warm-up batch."""
   plan = plan_lib.plan_from_config(config)
-  with train_batches(config, plan) as batches:
+  with train_batches(config, plan) as batches, OpenCvSeconds() as opencv:
     next(batches)  # Loads the source and fills the prefetch queue.
+    opencv.seconds = 0.0
     wall, cpu, examples = time.perf_counter(), time.process_time(), 0
     for batch in batches:
       examples += len(batch["label"])
       if time.perf_counter() - wall >= seconds:
         break
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-  return examples / wall, examples / cpu, examples
+    held = max(cpu - opencv.seconds, 0.0) / examples
+  return examples / wall, examples / cpu, examples, held
 
 
 def main(argv):
@@ -133,9 +246,22 @@ def main(argv):
   mock = lambda: tfds.testing.mock_data(
       as_data_source_fn=lambda builder, split, **_: _JpegDataSource(builder, 100_000))
   cases.append(("imagenet_jpeg_mock", imagenet_mock_config, mock))
+  data_dir = tempfile.mkdtemp(prefix="imagenet_like_jpegs_")
+  atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
+  jpegs_name = prepare_array_record_jpegs(data_dir, ARRAY_RECORD_EXAMPLES)
+
+  def array_record_config():
+    config = base.get_base_config()
+    _imagenet_like(config, "tfds", jpegs_name)
+    config.dataset.data_dir = data_dir
+    config.dataset.num_train_examples = ARRAY_RECORD_EXAMPLES
+    config.schedule.kind = "decay_lr"  # B stays 256, within N.
+    return config
+  cases.append(("imagenet_array_record", array_record_config, None))
 
   print(f"host: {os.cpu_count()} CPU cores; {_SECONDS.value:g} s per row")
-  print(f"{'case':<26}{'workers':>8}{'examples/s':>12}{'per CPU-s':>11}{'examples':>10}")
+  print(f"{'case':<26}{'workers':>8}{'examples/s':>12}{'per CPU-s':>11}"
+        f"{'examples':>10}{'GIL ms/ex <=':>14}{'GIL ceiling >=':>16}")
   fashion_rates = []
   for name, make_config, context in cases:
     for workers in map(int, _WORKERS.value):
@@ -146,9 +272,10 @@ def main(argv):
       else:
         with context():
           result = measure(config, _SECONDS.value)
-      rate, per_cpu, examples = result
-      print(f"{name:<26}{workers:>8}{rate:>12.0f}{per_cpu:>11.0f}{examples:>10}",
-            flush=True)
+      rate, per_cpu, examples, held = result
+      ceiling = 1 / held if held else float("inf")
+      print(f"{name:<26}{workers:>8}{rate:>12.0f}{per_cpu:>11.0f}{examples:>10}"
+            f"{1e3 * held:>14.3f}{ceiling:>16.0f}", flush=True)
       if name == "fashion_mnist_idx":
         fashion_rates.append(rate)
   if fashion_rates and _STEP_BATCH_SIZES.value:

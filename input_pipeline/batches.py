@@ -71,12 +71,26 @@ class _Reader:
     augment.check_image(self.d, image, f"{self.source.name} example {index}")
     return image, label
 
+  def fetch_many(self, indices: list[int]) -> list[tuple[np.ndarray, int]]:
+    """Examples `indices` in one read where the source allows; if that read
+    fails, one at a time, so that the error names the bad example."""
+    try:
+      examples = sources.read_examples(self.source, indices)
+    except DataError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      return [self.fetch(index) for index in indices]
+    for index, (image, _) in zip(indices, examples):
+      augment.check_image(self.d, image, f"{self.source.name} example {index}")
+    return examples
+
   def read(self, epochs: np.ndarray, indices: np.ndarray, images_out: np.ndarray,
            labels_out: np.ndarray) -> None:
     images = []
-    for k, index in enumerate(indices):
-      image, labels_out[k] = self.fetch(int(index))
+    for k, (image, label) in enumerate(self.fetch_many(
+        [int(i) for i in indices])):
       images.append(image)
+      labels_out[k] = label
     bad = (labels_out < 0) | (labels_out >= self.d.num_classes)
     if bad.any():
       k = int(np.argmax(bad))
@@ -87,10 +101,9 @@ class _Reader:
       draws = keyed_random.uniforms(
           self.seed, keyed_random.AUGMENT_STREAM, epochs[:, None],
           indices[:, None], np.arange(augment.num_draws(self.d)))
-      pixels = augment.train_images(self.d, images, draws)
+      augment.train_images(self.d, images, draws, out=images_out)
     else:
-      pixels = augment.eval_images(self.d, images)
-    images_out[...] = pixels
+      augment.eval_images(self.d, images, out=images_out)
 
   def job(self, epochs, indices, num_rows: int, extra: dict[str, Any],
           mask: np.ndarray | None = None) -> prefetch.Job:

@@ -273,3 +273,36 @@ def test_reference_runner_waits_one_step_behind(monkeypatch):
   run.one_ahead(3)
   assert events == ["d0", "w0", "d1", "d2", "w1", "d3", "w2", "w3"]
   assert run.state == 4
+
+
+def test_opencv_seconds_counts_cpu_inside_opencv_only():
+  """The GIL bound's instrument: CPU seconds inside the wrapped OpenCV calls
+  are counted, Python's around them are not, and the module is restored."""
+  import cv2
+
+  from benchmarks import input_pipeline
+  original = cv2.resize
+  image = np.zeros((1500, 1500, 3), np.uint8)
+  with input_pipeline.OpenCvSeconds() as opencv:
+    assert cv2.resize is not original
+    for _ in range(4):
+      cv2.resize(image, (1200, 1200), interpolation=cv2.INTER_CUBIC)
+    inside = opencv.seconds
+    sum(i * i for i in range(300_000))  # Python work: not counted.
+  assert cv2.resize is original
+  assert inside > 0 and opencv.seconds == inside
+
+
+def test_array_record_jpegs_read_through_the_trainers_source(tmp_path):
+  from benchmarks import input_pipeline
+  from input_pipeline import sources
+  name = input_pipeline.prepare_array_record_jpegs(str(tmp_path), 3)
+  config = input_pipeline.imagenet_mock_config()
+  config.dataset.update(dict(name=name, data_dir=str(tmp_path),
+                             num_train_examples=3))
+  source = sources.train_source(config)
+  assert isinstance(source, sources.TfdsSource) and len(source) == 3
+  for image, label in sources.read_examples(source, [0, 1, 2]):
+    assert image.dtype == np.uint8 and image.shape[2] == 3
+    assert 300 <= image.shape[0] < 500 and 350 <= image.shape[1] < 500
+    assert 0 <= label < 1000

@@ -74,6 +74,45 @@ def test_inception_resizes_its_box_and_nothing_outside_it():
   assert gray.shape == (5, 5, 1) and (gray == 200).all()
 
 
+@pytest.mark.parametrize("size,channels", [(8, 3), (7, 3), (7, 1)])
+def test_inception_flips_exactly_the_drawn_rows(size, channels):
+  """The flip (OpenCV's, in place in the output row) mirrors the unflipped
+  crop, in the rows whose flip draw is below 1/2 and in no other."""
+  d = _dataset(augment="inception", image_size=size, channels=channels).dataset
+  rng = np.random.default_rng(3)
+  images = [rng.integers(0, 256, (40 + k, 50, channels), dtype=np.uint8)
+            for k in range(16)]
+  draws = rng.random((16, augment.num_draws(d)))
+  flipped = augment.train_images(d, images, draws)
+  d.random_flip = False
+  plain = augment.train_images(d, images, draws)
+  flips = draws[:, -1] < 0.5
+  assert 0 < flips.sum() < 16
+  np.testing.assert_array_equal(flipped[flips], plain[flips][:, :, ::-1])
+  np.testing.assert_array_equal(flipped[~flips], plain[~flips])
+
+
+@pytest.mark.parametrize("recipe", augment.AUGMENTS)
+def test_images_are_written_into_the_given_rows(recipe):
+  """With `out` (the batch's rows), train and eval images land there, the
+  same pixels as without it; an `out` of another shape is refused."""
+  d = _dataset(augment=recipe, image_size=8, channels=3).dataset
+  rng = np.random.default_rng(4)
+  side = 8 if recipe != "inception" else 20
+  images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            for _ in range(3)]
+  draws = rng.random((3, augment.num_draws(d)))
+  for make, args in ((augment.train_images, (draws,)),
+                     (augment.eval_images, ())):
+    rows = np.zeros((5, 8, 8, 3), np.uint8)[1:4]
+    got = make(d, images, *args, out=rows)
+    assert got is rows and rows.any()
+    np.testing.assert_array_equal(rows, make(d, images, *args))
+    with pytest.raises(ValueError, match=r"out is uint8 \(3, 8, 8, 1\), not "
+                       r"uint8 \(3, 8, 8, 3\)"):
+      make(d, images, *args, out=np.zeros((3, 8, 8, 1), np.uint8))
+
+
 def test_eval_takes_the_centred_square():
   """A frame of zeros around a 200-valued centre: the centred square of
   half the shorter side lies inside the centre."""

@@ -233,17 +233,55 @@ class _PngRecords:
     return {"image": self.feature.decode_example_np(data), "label": 1}
 
 
+class _BatchPngRecords(_PngRecords):
+  """The same with TFDS's batch read (`__getitems__`), which decodes every
+  record of the batch and so fails as a whole on one bad record."""
+
+  def __init__(self, builder, bad):
+    super().__init__(builder, bad)
+    self.batch_reads = []
+
+  def __getitems__(self, keys):
+    self.batch_reads.append(list(keys))
+    return [self[k] for k in keys]
+
+
+@pytest.mark.parametrize("records", [_PngRecords, _BatchPngRecords])
 @pytest.mark.parametrize("bad,match", [
     ("corrupt", r"^cifar10 train .* example 3 cannot be read: "),
     ((30, 32, 3), r"^cifar10 train .* example 3 has an image of shape \(30, 32, 3\), "
                   r"not 32x32x3; set dataset.image_size/channels to match")])
-def test_bad_record_names_the_example(bad, match):
+def test_bad_record_names_the_example(bad, match, records):
+  config = _tfds_config()
+  with tfds.testing.mock_data(as_data_source_fn=lambda builder, split, **_:
+                              records(builder, bad)):
+    batches = _train(config)
+    _raises(match, list, batches)
+
+
+def _tfds_config():
   config = _config(name="cifar10", source="tfds", num_train_examples=8,
                    image_size=32, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
                    num_workers=2)
   config.schedule.batch_size = 8
   config.ghost_batch_size = 8
-  with tfds.testing.mock_data(as_data_source_fn=lambda builder, split, **_:
-                              _PngRecords(builder, bad)):
-    batches = _train(config)
-    _raises(match, list, batches)
+  return config
+
+
+def test_tfds_examples_are_read_a_task_at_a_time():
+  """Where the TFDS source reads batches, each worker's task reads its rows
+  in one call (array_record then reads them in parallel, GIL released)."""
+  config = _tfds_config()
+  made = []
+  def source(builder, split, **_):
+    del split
+    made.append(_BatchPngRecords(builder, (32, 32, 3)))
+    return made[-1]
+  with tfds.testing.mock_data(as_data_source_fn=source):
+    batches = list(_train(config))
+  (records,) = made
+  reads = records.batch_reads
+  assert len(batches) > 1
+  assert [len(r) for r in reads] == [4] * (2 * len(batches))  # 2 workers.
+  # B = N: every batch holds each example once (tasks may interleave).
+  assert sorted(sum(reads, [])) == sorted(list(range(8)) * len(batches))

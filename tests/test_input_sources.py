@@ -1,4 +1,5 @@
 """Sources: TFDS (mocked and a real prepared one), the IDX files, the choice."""
+import io
 import json
 import os
 import shutil
@@ -49,6 +50,64 @@ def prepared_dir(tmp_path_factory):
   InputPipelineTestImages(data_dir=data_dir,
                           file_format="array_record").download_and_prepare()
   return data_dir
+
+
+def _rgb_pixels(v):
+  """Example v's 6x6 RGB image: each channel a different value, so that a
+  swapped channel order shows."""
+  return np.broadcast_to(np.array([v, 100 + v, 200 + v], np.uint8), (6, 6, 3))
+
+
+class InputPipelineTestPngs(tfds.core.GeneratorBasedBuilder):
+  """8 train examples stored as PNG files (encoded here, so TFDS keeps the
+  bytes without TensorFlow), decoded by TFDS's image feature when read, as
+  a prepared ImageNet's JPEGs are."""
+  VERSION = tfds.core.Version("1.0.0")
+  __module__ = "input_pipeline_test_builder"  # As above.
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="png"),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    for v in range(8):
+      png = io.BytesIO()
+      Image.fromarray(_rgb_pixels(v)).save(png, format="PNG")
+      png.seek(0)
+      yield v, {"image": png, "label": v % 3}
+
+
+def test_prepared_pngs_decode_to_their_pixels(tmp_path):
+  """The real TFDS path with encoded images: array_record records read a
+  task at a time, decoded by TFDS, the first 6 of 8 examples (N)."""
+  InputPipelineTestPngs(data_dir=str(tmp_path),
+                        file_format="array_record").download_and_prepare()
+  config = _small_config("input_pipeline_test_pngs", 6, 4, data_dir=str(tmp_path),
+                         image_size=6, channels=3, num_classes=3,
+                         mean=(0.5,) * 3, std=(0.25,) * 3, num_workers=2)
+  source = sources.train_source(config)
+  assert isinstance(source, sources.FirstExamples)
+  firsts = [source[i] for i in range(6)]  # TFDS shuffles when preparing.
+  for image, label in firsts:
+    v = int(image[0, 0, 0])
+    np.testing.assert_array_equal(image, _rgb_pixels(v))
+    assert label == v % 3
+  plan = plan_lib.plan_from_config(config)
+  with train_batches(config, plan) as batches:
+    stream = list(batches)
+  images = np.concatenate([b["image"] for b in stream])
+  labels = np.concatenate([b["label"] for b in stream])
+  for image, label in zip(images, labels):
+    v = int(image[0, 0, 0])
+    np.testing.assert_array_equal(image, _rgb_pixels(v))
+    assert label == v % 3
+  first_values = sorted(int(image[0, 0, 0]) for image, _ in firsts)
+  assert sorted(int(i[0, 0, 0]) for i in images[:6]) == first_values
 
 
 def _small_config(name, num_train_examples, batch_size, **dataset):
