@@ -1,6 +1,7 @@
 """Examples per second of the train input pipeline on this host.
 
     python -m benchmarks.input_pipeline [--seconds=5] [--workers=0,1,2]
+        [--processes=2]
 
 Cases:
 * `fashion_mnist_idx`: configs/fashion_mnist.py (IDX files, 28x28x1,
@@ -17,11 +18,13 @@ Cases:
   TFDS source as a prepared ImageNet is: record reads and TFDS's example
   parsing included.
 
-For each worker count: wall-clock examples/s, and examples per CPU-second
-(process CPU time over all threads): the per-core figure, which says how many
-cores a given step rate needs.
+For each worker count (threads; then with `--processes`, worker processes,
+`dataset.worker_processes`, but for the mock, whose patching a spawned
+process would not see): wall-clock examples/s, and examples per CPU-second
+(CPU time over all threads, and over the worker processes from /proc): the
+per-core figure, which says how many cores a given step rate needs.
 
-Also how much of each example's CPU time is spent outside OpenCV's decode,
+With threads, also how much of each example's CPU time is spent outside OpenCV's decode,
 resize, flip and colour calls, which release the GIL (process CPU time less
 the CPU time of the threads inside those calls): an upper bound on the time
 an example holds the GIL, hence a lower bound on what one process's worker
@@ -38,6 +41,7 @@ cores while training, so its share of them is what counts).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import io
 import json
@@ -63,6 +67,8 @@ from trainer import plan as plan_lib
 
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "Measuring time per case (s).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "num_workers values.")
+_PROCESSES = flags.DEFINE_list(
+    "processes", [], "worker_processes values (positive) to run as well.")
 _STEP_BATCH_SIZES = flags.DEFINE_string(
     "step_batch_sizes", "128,1024",
     "Train step batch sizes to compare the Fashion-MNIST pipeline with "
@@ -216,26 +222,49 @@ def prepare_array_record_jpegs(data_dir: str, num_examples: int) -> str:
   return builder.name
 
 
-def measure(config, seconds: float) -> tuple[float, float, int, float]:
+def children_cpu_seconds() -> float:
+  """CPU seconds used so far by this process's live child processes (the
+  pipeline's worker processes), from /proc (Linux)."""
+  import multiprocessing
+  ticks = os.sysconf("SC_CLK_TCK")
+  total = 0.0
+  for child in multiprocessing.active_children():
+    try:
+      with open(f"/proc/{child.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue  # Exited meanwhile.
+    total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime.
+  return total
+
+
+def measure(config, seconds: float) -> tuple[float, float, int, float | None]:
   """(examples/s, examples per CPU-second, examples, CPU seconds per example
-  outside OPENCV_GIL_FREE) after a warm-up batch."""
+  outside OPENCV_GIL_FREE, None with worker processes) after a warm-up
+  batch."""
   plan = plan_lib.plan_from_config(config)
   with train_batches(config, plan) as batches, OpenCvSeconds() as opencv:
     next(batches)  # Loads the source and fills the prefetch queue.
     opencv.seconds = 0.0
     wall, cpu, examples = time.perf_counter(), time.process_time(), 0
+    children = children_cpu_seconds()
     for batch in batches:
       examples += len(batch["label"])
       if time.perf_counter() - wall >= seconds:
         break
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    held = max(cpu - opencv.seconds, 0.0) / examples
-  return examples / wall, examples / cpu, examples, held
+    children = children_cpu_seconds() - children
+    held = (None if config.dataset.worker_processes
+            else max(cpu - opencv.seconds, 0.0) / examples)
+  return examples / wall, examples / (cpu + children), examples, held
 
 
 def main(argv):
   del argv
   import tensorflow_datasets as tfds
+  if any(int(p) <= 0 for p in _PROCESSES.value):
+    raise app.UsageError(f"--processes={','.join(_PROCESSES.value)}: each "
+                         "value must be positive (threads: --workers)")
   cases = []
   if os.path.isfile(os.path.join(base.FASHION_MNIST_IDX_DIR,
                                  "train-images-idx3-ubyte.gz")):
@@ -260,22 +289,25 @@ def main(argv):
   cases.append(("imagenet_array_record", array_record_config, None))
 
   print(f"host: {os.cpu_count()} CPU cores; {_SECONDS.value:g} s per row")
-  print(f"{'case':<26}{'workers':>8}{'examples/s':>12}{'per CPU-s':>11}"
-        f"{'examples':>10}{'GIL ms/ex <=':>14}{'GIL ceiling >=':>16}")
+  print(f"{'case':<26}{'workers':>8}{'procs':>6}{'examples/s':>12}"
+        f"{'per CPU-s':>11}{'examples':>10}{'GIL ms/ex <=':>14}"
+        f"{'GIL ceiling >=':>16}")
+  settings = ([(int(w), 0) for w in _WORKERS.value]
+              + [(0, int(p)) for p in _PROCESSES.value])
   fashion_rates = []
   for name, make_config, context in cases:
-    for workers in map(int, _WORKERS.value):
+    for workers, processes in settings:
+      if processes and context is not None:
+        continue  # A spawned process would not see the mock.
       config = make_config()
       config.dataset.num_workers = workers
-      if context is None:
-        result = measure(config, _SECONDS.value)
-      else:
-        with context():
-          result = measure(config, _SECONDS.value)
-      rate, per_cpu, examples, held = result
-      ceiling = 1 / held if held else float("inf")
-      print(f"{name:<26}{workers:>8}{rate:>12.0f}{per_cpu:>11.0f}{examples:>10}"
-            f"{1e3 * held:>14.3f}{ceiling:>16.0f}", flush=True)
+      config.dataset.worker_processes = processes
+      with context() if context is not None else contextlib.nullcontext():
+        rate, per_cpu, examples, held = measure(config, _SECONDS.value)
+      gil = (f"{'-':>14}{'-':>16}" if held is None else
+             f"{1e3 * held:>14.3f}{1 / held if held else float('inf'):>16.0f}")
+      print(f"{name:<26}{workers:>8}{processes:>6}{rate:>12.0f}"
+            f"{per_cpu:>11.0f}{examples:>10}{gil}", flush=True)
       if name == "fashion_mnist_idx":
         fashion_rates.append(rate)
   if fashion_rates and _STEP_BATCH_SIZES.value:

@@ -50,6 +50,11 @@ def get_base_config() -> config_dict.ConfigDict:
       synthetic_noise=48.0,
       prefetch_batches=2,  # Batches prepared ahead of the step, per process.
       num_workers=1,  # Host threads decoding and augmenting; 0 = in the caller.
+      # Worker processes decoding and augmenting instead (spawned, each
+      # with its own source; one thread each hands them the tasks): for
+      # hosts whose threads the GIL would hold back (README, Input
+      # pipeline). 0: threads only.
+      worker_processes=0,
   ))
 
   config.model = config_dict.ConfigDict(dict(

@@ -24,6 +24,7 @@ from input_pipeline import keyed_random
 from input_pipeline import order
 from input_pipeline import prefetch
 from input_pipeline import sources
+from input_pipeline import worker_processes
 from input_pipeline.errors import DataError
 
 IMAGE_DTYPE = np.uint8  # Of the batches' `image`.
@@ -40,6 +41,26 @@ def _check_pipeline_config(d) -> None:
   if d.prefetch_batches < 0 or d.num_workers < 0:
     raise DataError(f"dataset.prefetch_batches={d.prefetch_batches} and "
                     f"dataset.num_workers={d.num_workers} must not be negative")
+  if d.worker_processes < 0:
+    raise DataError(f"dataset.worker_processes={d.worker_processes} must not "
+                    "be negative (0: read in this process's threads)")
+
+
+def _threads(d) -> int:
+  """The pipeline's threads: `num_workers`, or with worker processes one
+  per process (each waits for its process's task)."""
+  return d.worker_processes or d.num_workers
+
+
+def _processes(config, train: bool) -> worker_processes.WorkerProcesses | None:
+  n = config.dataset.worker_processes
+  return worker_processes.WorkerProcesses(config, train, n) if n else None
+
+
+def _prefetcher(jobs, d, processes) -> prefetch.Prefetcher:
+  return prefetch.Prefetcher(
+      jobs, num_workers=_threads(d), prefetch_batches=d.prefetch_batches,
+      on_close=None if processes is None else processes.close)
 
 
 def _chunks(num_rows: int, num_workers: int) -> list[tuple[int, int]]:
@@ -48,14 +69,17 @@ def _chunks(num_rows: int, num_workers: int) -> list[tuple[int, int]]:
   return [(lo, min(lo + size, num_rows)) for lo in range(0, num_rows, size)]
 
 
-class _Reader:
-  """Reads and augments rows of a batch into given arrays."""
+class Reader:
+  """Reads and augments rows of a batch into given arrays, here or, with
+  `processes`, in worker processes (each with a Reader of its own)."""
 
-  def __init__(self, config, source: sources.Source, train: bool):
+  def __init__(self, config, source: sources.Source, train: bool,
+               processes: worker_processes.WorkerProcesses | None = None):
     self.d = config.dataset
     self.seed = config.seed
     self.source = source
     self.train = train
+    self.processes = processes
     self.fetch(0)  # Fail now, not in a worker, on a wrong image shape.
 
   def fetch(self, index: int) -> tuple[np.ndarray, int]:
@@ -113,10 +137,11 @@ class _Reader:
                      IMAGE_DTYPE)
     image[len(indices):] = 0  # Eval padding.
     label = np.zeros((num_rows,), np.int32)
+    read = self.read if self.processes is None else self.processes.read
     def task(lo, hi):
-      return lambda: self.read(epochs[lo:hi], indices[lo:hi], image[lo:hi],
-                               label[lo:hi])
-    tasks = [task(lo, hi) for lo, hi in _chunks(len(indices), d.num_workers)]
+      return lambda: read(epochs[lo:hi], indices[lo:hi], image[lo:hi],
+                          label[lo:hi])
+    tasks = [task(lo, hi) for lo, hi in _chunks(len(indices), _threads(d))]
     def finish():
       batch = dict(image=image, label=label, **extra)
       if mask is not None:
@@ -157,7 +182,8 @@ def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
     raise DataError(f"start_examples={start_examples} is not where a step of the "
                     f"plan starts (plan covers 0-{total} examples)")
   source = source if source is not None else sources.train_source(config)
-  reader = _Reader(config, source, train=True)
+  reader = Reader(config, source, train=True,
+                  processes=_processes(config, train=True))
   stream = order.ExampleOrder(n, config.seed)
 
   def jobs():
@@ -171,8 +197,7 @@ def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
                        dict(examples_seen=x, step=position.step))
       x += position.batch_size
 
-  return prefetch.Prefetcher(jobs(), num_workers=d.num_workers,
-                             prefetch_batches=d.prefetch_batches)
+  return _prefetcher(jobs(), d, reader.processes)
 
 
 def eval_batches(config, global_batch_size: int, process_index: int = 0,
@@ -192,7 +217,8 @@ def eval_batches(config, global_batch_size: int, process_index: int = 0,
     raise DataError(f"eval batch {global_batch_size} must be a positive multiple "
                     f"of process_count={process_count}")
   source = source if source is not None else sources.eval_source(config)
-  reader = _Reader(config, source, train=False)
+  reader = Reader(config, source, train=False,
+                  processes=_processes(config, train=False))
   num_examples, share = len(source), global_batch_size // process_count
 
   def jobs():
@@ -203,5 +229,4 @@ def eval_batches(config, global_batch_size: int, process_index: int = 0,
       mask[:len(indices)] = 1
       yield reader.job(np.zeros_like(indices), indices, share, {}, mask)
 
-  return prefetch.Prefetcher(jobs(), num_workers=d.num_workers,
-                             prefetch_batches=d.prefetch_batches)
+  return _prefetcher(jobs(), d, reader.processes)

@@ -27,8 +27,12 @@ class Prefetcher:
   call `close()` to stop its threads early."""
 
   def __init__(self, jobs: Iterator[Job], *, num_workers: int,
-               prefetch_batches: int):
+               prefetch_batches: int,
+               on_close: Callable[[], None] | None = None):
+    """`on_close` runs once, after the threads have stopped (the worker
+    processes' shutdown)."""
     self._jobs = jobs
+    self._on_close = on_close
     self._depth = prefetch_batches + 1
     self._pool = (concurrent.futures.ThreadPoolExecutor(
         num_workers, thread_name_prefix="input_pipeline")
@@ -80,6 +84,8 @@ class Prefetcher:
     self._pending.clear()
     if self._pool is not None:
       self._pool.shutdown(wait=True, cancel_futures=True)
+    if self._on_close is not None:
+      self._on_close()
 
   def __enter__(self) -> "Prefetcher":
     return self
@@ -88,5 +94,8 @@ class Prefetcher:
     self.close()
 
   def __del__(self):
+    # Never closed: stop the threads without waiting. Worker processes, if
+    # any, stop at exit (`on_close` would free memory a thread may still
+    # be copying from).
     if not getattr(self, "_closed", True) and self._pool is not None:
       self._pool.shutdown(wait=False, cancel_futures=True)

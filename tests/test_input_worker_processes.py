@@ -1,0 +1,95 @@
+"""dataset.worker_processes: the same batches as threads, errors as one line,
+nothing left behind."""
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from input_pipeline import DataError
+from input_pipeline import eval_batches
+from input_pipeline import train_batches
+from tests.test_input_errors import _raises
+from tests.test_input_errors import _write_idx
+from tests.test_input_stream import _assert_same
+from tests.test_input_stream import _config
+from tests.test_input_stream import _stream
+from trainer import plan as plan_lib
+
+
+@pytest.mark.parametrize("augment_kind", ["pad_crop_flip", "inception"])
+def test_worker_processes_give_the_same_stream(augment_kind):
+  """Every stage (the batch grows, so each thread's block grows), pixel for
+  pixel and label for label."""
+  config = _config(augment_kind=augment_kind)
+  threads = _stream(config)
+  config.dataset.worker_processes = 2
+  processes = _stream(config)
+  assert len({len(b["label"]) for b in processes}) > 1  # Several stages.
+  _assert_same(processes, threads)
+
+
+def test_worker_processes_give_the_same_eval_batches():
+  config = _config(augment_kind="inception")
+  with eval_batches(config, 48) as batches:
+    threads = list(batches)
+  config.dataset.worker_processes = 2
+  with eval_batches(config, 48) as batches:
+    processes = list(batches)
+  assert len(processes) == len(threads) > 1
+  for a, b in zip(processes, threads):
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_an_error_in_a_worker_process_is_its_one_line(tmp_path):
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", 40), ("t10k", 10)):
+    _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+               rng.integers(0, 256, (n, 28, 28)))
+    _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+  config = _config(num_train_examples=40, batch_size=8)
+  config.dataset.update(dict(name="fashion_mnist", source="idx", image_size=28,
+                             idx_dir=str(tmp_path), num_classes=5,
+                             worker_processes=2, augment="none"))
+  config.schedule.kind = "decay_lr"
+  config.ghost_batch_size = 8
+  batches = train_batches(config, plan_lib.plan_from_config(config))
+  _raises(r"has label [5-9], outside dataset.num_classes=5", list, batches)
+
+
+def test_a_dead_worker_process_stops_the_pipeline_with_one_line():
+  config = _config()
+  config.dataset.worker_processes = 2
+  with train_batches(config, plan_lib.plan_from_config(config)) as batches:
+    next(batches)
+    processes = batches._on_close.__self__._pool._processes  # pylint: disable=protected-access
+    os.kill(next(iter(processes)), signal.SIGKILL)
+    _raises(r"^an input worker process died .*; lower "
+            r"dataset.worker_processes if the host ran out of memory, or set "
+            r"it to 0 to read in threads$", list, batches)
+
+
+def test_closing_stops_the_processes_and_frees_their_memory():
+  config = _config()
+  config.dataset.worker_processes = 2
+  batches = train_batches(config, plan_lib.plan_from_config(config))
+  next(batches)
+  workers = batches._on_close.__self__  # pylint: disable=protected-access
+  pids = list(workers._pool._processes)  # pylint: disable=protected-access
+  names = [block.name for block in workers._blocks]  # pylint: disable=protected-access
+  assert len(pids) == 2 and names
+  batches.close()
+  assert list(batches) == []
+  for pid in pids:
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+  assert not [n for n in names if os.path.exists(f"/dev/shm/{n.lstrip('/')}")]
+
+
+def test_negative_worker_processes_is_refused():
+  config = _config()
+  config.dataset.worker_processes = -1
+  with pytest.raises(DataError, match=r"^dataset.worker_processes=-1 must not "
+                     r"be negative \(0: read in this process's threads\)$"):
+    train_batches(config, plan_lib.plan_from_config(config))
