@@ -99,7 +99,7 @@ timeout 60 "$PY" benchmarks/batch_transfer.py --repeats=20 2>&1 \
     | tee "$OUT/batch_transfer.txt"
 
 part input_pipeline &&
-timeout 120 "$PY" -m benchmarks.input_pipeline --seconds=4 --workers=8,16 \
+timeout 180 "$PY" -m benchmarks.input_pipeline --seconds=4 --workers=8,16 --processes=8,16 \
     --step_batch_sizes= 2>&1 | tee "$OUT/input_pipeline.txt"
 
 exit 0  # A skipped or failed part leaves the others' figures.

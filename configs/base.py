@@ -207,6 +207,7 @@ def shrink_for_smoke(config, *, batch_size: int, max_batch: int | None = None,
   """
   config.dataset.num_train_examples = 2048
   config.dataset.num_eval_examples = 512
+  config.dataset.worker_processes = 0  # Threads: nothing to spawn.
   if synthetic:
     config.dataset.source = "synthetic"
     config.dataset.image_size = 16

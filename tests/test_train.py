@@ -102,6 +102,23 @@ def test_workdir_of_another_config_is_refused(run):
     loop.train_and_evaluate(config, workdir)
 
 
+def test_resume_may_change_how_the_host_reads_and_dispatches(run):
+  """Workers, prefetch depth and steps in flight do not change what is
+  trained (the stream and order tests), so a resume may change them."""
+  config, workdir, final = run
+  config = tiny_config()
+  config.dataset.num_workers = 3
+  config.dataset.worker_processes = 2
+  config.dataset.prefetch_batches = 1
+  config.steps_in_flight = 2
+  again = loop.train_and_evaluate(config, workdir)
+  assert again["step"] == final["step"]
+  config.seed = 1  # Still refused alongside them.
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r"different config: seed \(0 → 1\);"):
+    loop.train_and_evaluate(config, workdir)
+
+
 def test_non_finite_loss_stops_the_run_naming_step_and_stage(tmp_path):
   config = tiny_config()
   config.schedule.learning_rate = 1e6

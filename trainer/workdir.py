@@ -81,11 +81,21 @@ def _flatten(tree, prefix=""):
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """`field (old → new)` for every field that differs, sorted."""
+# Fields that change how the host runs the training, not what it trains:
+# the batches and the metrics are the same for any value (tests), so a resume
+# may change them (another host shape, say) without --allow_config_change.
+HOST_FIELDS = frozenset({"dataset.num_workers", "dataset.worker_processes",
+                         "dataset.prefetch_batches", "steps_in_flight"})
+
+
+def config_differences(saved: dict, current: dict,
+                       ignore: frozenset = frozenset()) -> list[str]:
+  """`field (old → new)` for every field that differs, sorted, but for the
+  fields in `ignore`."""
   a, b = _flatten(saved), _flatten(current)
   return [f"{k} ({a.get(k)!r} → {b.get(k)!r})"
-          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+          for k in sorted(a.keys() | b.keys())
+          if a.get(k) != b.get(k) and k not in ignore]
 
 
 def _saved_config(workdir: str):
@@ -99,12 +109,14 @@ def check_config(workdir: str, config, allow_change: bool = False) -> None:
   """Raises WorkdirError if the workdir's run had another config.
 
   Resuming under a different config would silently mix two experiments, so
-  the differing fields are listed, unless `allow_change`.
+  the differing fields are listed, unless `allow_change`; HOST_FIELDS may
+  differ.
   """
   saved = _saved_config(workdir)
   if saved is None or allow_change:
     return
-  differ = config_differences(saved, json.loads(config.to_json()))
+  differ = config_differences(saved, json.loads(config.to_json()),
+                              ignore=HOST_FIELDS)
   if differ:
     shown = ", ".join(differ[:5])
     more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
