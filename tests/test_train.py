@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import input_pipeline
 import models
 from configs import cifar10_increase_batch
 from trainer import checkpoint as checkpoint_lib
@@ -100,6 +101,29 @@ def test_workdir_of_another_config_is_refused(run):
   with pytest.raises(workdir_lib.WorkdirError,
                      match=r"different config: schedule.learning_rate \(0.1 → 0.2\)"):
     loop.train_and_evaluate(config, workdir)
+
+
+def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(
+    run, tmp_path, monkeypatch):
+  """The run fixture's loop hardly waits for its batches; with every batch
+  held back 0.2 s, the waits are most of the wall time."""
+  _, workdir, _ = run
+  quick = [r["input_wait_fraction"]
+           for r in metrics_lib.read_metrics(workdir, "train")]
+  assert len(quick) > 5 and np.median(quick) < 0.1  # The first waits longer.
+  next_batch = input_pipeline.prefetch.Prefetcher.__next__
+  def slow(self):
+    time.sleep(0.2)
+    return next_batch(self)
+  monkeypatch.setattr(input_pipeline.prefetch.Prefetcher, "__next__", slow)
+  config = tiny_config()
+  config.schedule.num_epochs = 1.0  # Stage 0 only: 16 steps of B=64.
+  config.schedule.milestones_epochs = ()
+  config.eval_every_epochs = 10.0
+  loop.train_and_evaluate(config, str(tmp_path))
+  slowed = [r["input_wait_fraction"]
+            for r in metrics_lib.read_metrics(str(tmp_path), "train")]
+  assert len(slowed) >= 4 and min(slowed) > 0.5, slowed
 
 
 def test_resume_may_change_how_the_host_reads_and_dispatches(run):
@@ -299,7 +323,8 @@ def _position(**fields):
 def test_train_record_and_progress_line(capsys, is_chief):
   plan = types.SimpleNamespace(num_train_examples=1000, total_examples=3000,
                                total_updates=30)
-  clock = loop._Clock(start=time.perf_counter() - 1.0, examples=0)
+  clock = loop._Clock(start=time.perf_counter() - 1.0, examples=0,
+                      input_wait=0.25)
   writer = _Writer()
   loop._log_train(writer, is_chief, plan, _position(), 12, 1500,
                   dict(train_loss=np.float32(0.5), train_accuracy=0.75),
@@ -311,12 +336,14 @@ def test_train_record_and_progress_line(capsys, is_chief):
   assert record["train_loss"] == 0.5 and "grad_noise_scale" not in record
   assert record["step_time"] == 0.25
   assert 1000 < record["examples_per_second"] <= 1500  # 1,500 in ~1 s.
-  assert clock.examples == 1500  # The next window starts here.
+  assert 0.2 < record["input_wait_fraction"] <= 0.25  # 0.25 s of ~1 s.
+  assert clock.examples == 1500 and clock.input_wait == 0.0  # Next window.
   out = capsys.readouterr().out
   if is_chief:
     assert re.fullmatch(
         r"step 12/30 epoch 1\.50 stage 1 B=128 lr=0\.1 loss 0\.5000 "
-        r"acc 0\.750 1,[0-5]\d\d ex/s ETA 0m0[12]s\n", out), out
+        r"acc 0\.750 1,[0-5]\d\d ex/s input wait 2[0-5]% ETA 0m0[12]s\n",
+        out), out
   else:
     assert out == ""
 

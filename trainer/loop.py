@@ -63,16 +63,22 @@ def _scalar(value, sharding):
 
 @dataclasses.dataclass
 class _Clock:
-  """Examples/s over the window since the last log line."""
+  """Examples/s over the window since the last log line, and the share of
+  that window the loop spent waiting for its next batch."""
   start: float
   examples: int
+  input_wait: float = 0.0  # Seconds, added by the loop.
 
   def rate(self, examples_seen: int) -> float:
     elapsed = time.perf_counter() - self.start
     return (examples_seen - self.examples) / max(elapsed, 1e-9)
 
+  def input_wait_fraction(self) -> float:
+    return self.input_wait / max(time.perf_counter() - self.start, 1e-9)
+
   def reset(self, examples_seen: int) -> None:
     self.start, self.examples = time.perf_counter(), examples_seen
+    self.input_wait = 0.0
 
 
 def _format_eta(seconds: float) -> str:
@@ -404,7 +410,7 @@ def _log_train(writer, is_chief, plan, pos, step, examples_seen, metrics,
   since the last one, which `clock` restarts) and prints its progress line
   with the ETA on the chief."""
   n = plan.num_train_examples
-  rate = clock.rate(examples_seen)
+  rate, input_wait = clock.rate(examples_seen), clock.input_wait_fraction()
   clock.reset(examples_seen)
   record = dict(
       examples_seen=examples_seen, epoch=examples_seen / n,
@@ -413,7 +419,7 @@ def _log_train(writer, is_chief, plan, pos, step, examples_seen, metrics,
       noise_scale=pos.noise_scale,
       **{k: float(v) for k, v in metrics.items()},
       **({} if noise_scale is None else dict(grad_noise_scale=noise_scale)),
-      examples_per_second=rate, **timings,
+      examples_per_second=rate, input_wait_fraction=input_wait, **timings,
       peak_host_memory_mb=_peak_host_memory_mb(),
       wall_time=time.perf_counter() - run_start)
   writer.write("train", step, **record)
@@ -424,7 +430,7 @@ def _log_train(writer, is_chief, plan, pos, step, examples_seen, metrics,
           f"lr={pos.learning_rate:.4g} "
           f"loss {record['train_loss']:.4f} "
           f"acc {record['train_accuracy']:.3f} {rate:,.0f} ex/s "
-          f"ETA {_format_eta(eta)}", flush=True)
+          f"input wait {input_wait:.0%} ETA {_format_eta(eta)}", flush=True)
 
 
 def _decide_batch(writer, is_chief, schedule, batch0, pos, step,
@@ -544,7 +550,12 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
         config, plan, start_examples=examples_seen,
         process_index=jax.process_index(),
         process_count=jax.process_count(), source=sources["train"]) as stream:
-      for local in stream:
+      while True:
+        waited = time.perf_counter()
+        local = next(stream, None)
+        if local is None:
+          break
+        clock.input_wait += time.perf_counter() - waited
         pos = plan.at(local["examples_seen"])
         start = time.perf_counter()
         step_fn = compiler.get(pos.batch_size)
