@@ -106,14 +106,14 @@ def test_workdir_of_another_config_is_refused(run):
 def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(
     run, tmp_path, monkeypatch):
   """The run fixture's loop hardly waits for its batches; with every batch
-  held back 0.2 s, the waits are most of the wall time."""
+  held back 0.3 s, the waits are most of the wall time."""
   _, workdir, _ = run
   quick = [r["input_wait_fraction"]
            for r in metrics_lib.read_metrics(workdir, "train")]
   assert len(quick) > 5 and np.median(quick) < 0.1  # The first waits longer.
   next_batch = input_pipeline.prefetch.Prefetcher.__next__
   def slow(self):
-    time.sleep(0.2)
+    time.sleep(0.3)
     return next_batch(self)
   monkeypatch.setattr(input_pipeline.prefetch.Prefetcher, "__next__", slow)
   config = tiny_config()
@@ -123,7 +123,8 @@ def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(
   loop.train_and_evaluate(config, str(tmp_path))
   slowed = [r["input_wait_fraction"]
             for r in metrics_lib.read_metrics(str(tmp_path), "train")]
-  assert len(slowed) >= 4 and min(slowed) > 0.5, slowed
+  # Median: on a loaded machine one window's steps may run slow too.
+  assert len(slowed) >= 4 and np.median(slowed) > 0.5, slowed
 
 
 def test_resume_may_change_how_the_host_reads_and_dispatches(run):
@@ -224,7 +225,7 @@ def test_weight_average_is_evaluated_without_changing_training(run, tmp_path):
 
 
 _TIMINGS = {"step_time", "compile_wait", "examples_per_second", "wall_time",
-            "peak_host_memory_mb"}
+            "peak_host_memory_mb", "input_wait_fraction"}
 
 
 @pytest.mark.parametrize("steps_in_flight", [1, 2])
