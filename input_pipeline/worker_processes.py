@@ -14,6 +14,9 @@ pipeline's threads, one per task in flight, hand a task to the processes,
 wait for it, and copy the rows out into the batch; a block is reused by its
 thread for every later task. What a row holds depends only on (seed, epoch,
 example index), so the batches are the same as with threads.
+
+Closing the pipeline stops the processes and frees the blocks; a worker
+whose parent was killed outright exits by itself within about a second.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ import io
 import logging
 import multiprocessing
 from multiprocessing import shared_memory
+import os
 import threading
+import time
 
 import numpy as np
 
@@ -35,9 +40,21 @@ _reader = None
 _attached: dict[str, shared_memory.SharedMemory] = {}
 
 
-def _start(config, train: bool) -> None:
-  """Worker initializer: opens the source and builds the reader."""
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+  """Ends this worker once its parent is gone (killed outright, say, so
+  that it never shut its workers down): it would otherwise wait for tasks
+  forever."""
+  while os.getppid() == parent:
+    time.sleep(interval)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _start(parent: int, config, train: bool) -> None:
+  """Worker initializer: watches the parent (`parent`: its pid, passed in,
+  since it may already be gone), opens the source and builds the reader."""
   global _reader
+  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
+                   name="exit_with_parent").start()
   # pylint: disable=import-outside-toplevel
   from input_pipeline import batches
   from input_pipeline import sources
@@ -77,7 +94,7 @@ class WorkerProcesses:
   def __init__(self, config, train: bool, num_processes: int):
     self._pool = concurrent.futures.ProcessPoolExecutor(
         num_processes, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start, initargs=(config, train))
+        initializer=_start, initargs=(os.getpid(), config, train))
     self._local = threading.local()
     self._blocks: list[shared_memory.SharedMemory] = []
     self._lock = threading.Lock()

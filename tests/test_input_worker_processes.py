@@ -1,7 +1,11 @@
 """dataset.worker_processes: the same batches as threads, errors as one line,
 nothing left behind."""
 import os
+import pathlib
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -85,6 +89,51 @@ def test_closing_stops_the_processes_and_frees_their_memory():
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
   assert not [n for n in names if os.path.exists(f"/dev/shm/{n.lstrip('/')}")]
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_PARENT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from input_pipeline import train_batches
+from tests.test_input_stream import _config
+from trainer import plan as plan_lib
+if __name__ == "__main__":
+  config = _config()
+  config.dataset.worker_processes = 2
+  batches = train_batches(config, plan_lib.plan_from_config(config))
+  next(batches)
+  print(*batches._on_close.__self__._pool._processes, flush=True)
+  time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+  """Whether `pid` exists and has not exited (a zombie has)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def test_worker_processes_end_when_their_parent_is_killed(tmp_path):
+  """A trainer killed outright (SIGKILL, the OOM killer) cannot shut its
+  workers down; they notice within about a second and exit."""
+  script = tmp_path / "parent.py"
+  script.write_text(_PARENT.format(root=str(ROOT)))
+  parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    pids = [int(p) for p in parent.stdout.readline().split()]
+  finally:
+    parent.kill()
+    parent.wait()
+  assert len(pids) == 2 and all(_running(p) for p in pids)
+  deadline = time.monotonic() + 15
+  while time.monotonic() < deadline and any(_running(p) for p in pids):
+    time.sleep(0.2)
+  assert not [p for p in pids if _running(p)]
 
 
 def test_negative_worker_processes_is_refused():
