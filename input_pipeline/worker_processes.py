@@ -114,10 +114,9 @@ class WorkerProcesses:
            images_out: np.ndarray, labels_out: np.ndarray) -> None:
     """What `Reader.read` does, run in a worker process."""
     block = self._block(images_out.nbytes)
-    future = self._pool.submit(_read_rows, block.name, images_out.shape,
-                               epochs, indices)
-    try:
-      labels = future.result()
+    try:  # A broken pool refuses the task, or fails it once submitted.
+      labels = self._pool.submit(_read_rows, block.name, images_out.shape,
+                                 epochs, indices).result()
     except concurrent.futures.process.BrokenProcessPool:
       raise DataError(
           "an input worker process died (its traceback, if any, is above); "

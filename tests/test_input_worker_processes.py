@@ -62,13 +62,19 @@ def test_an_error_in_a_worker_process_is_its_one_line(tmp_path):
   _raises(r"has label [5-9], outside dataset.num_classes=5", list, batches)
 
 
-def test_a_dead_worker_process_stops_the_pipeline_with_one_line():
+# Tasks already submitted when the worker dies fail; once the pool knows
+# (after `settle` seconds), it refuses new ones.
+@pytest.mark.parametrize("settle,prefetch", [(0.0, 2), (2.0, 0)])
+def test_a_dead_worker_process_stops_the_pipeline_with_one_line(settle,
+                                                                 prefetch):
   config = _config()
   config.dataset.worker_processes = 2
+  config.dataset.prefetch_batches = prefetch
   with train_batches(config, plan_lib.plan_from_config(config)) as batches:
     next(batches)
     processes = batches._on_close.__self__._pool._processes  # pylint: disable=protected-access
     os.kill(next(iter(processes)), signal.SIGKILL)
+    time.sleep(settle)
     _raises(r"^an input worker process died .*; lower "
             r"dataset.worker_processes if the host ran out of memory, or set "
             r"it to 0 to read in threads$", list, batches)
