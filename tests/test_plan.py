@@ -195,6 +195,9 @@ def test_smoke_variant_keeps_the_structure_and_is_tiny(name):
   if p.kind != "decay_lr":  # decay_lr never changes B.
     assert len(p.batch_sizes) >= 3
   assert p.total_examples <= 10_000
+  # ImageNet reads in worker processes past the GIL; smoke runs in threads.
+  assert full.dataset.worker_processes == (16 if "imagenet" in name else 0)
+  assert smoke.dataset.worker_processes == 0
 
 
 def test_unknown_config_variant_is_refused():
