@@ -70,16 +70,15 @@ def _chunks(num_rows: int, num_workers: int) -> list[tuple[int, int]]:
 
 
 class Reader:
-  """Reads and augments rows of a batch into given arrays, here or, with
-  `processes`, in worker processes (each with a Reader of its own)."""
+  """Reads and augments rows of a batch into given arrays, here or, once
+  `processes` is set, in worker processes (each with a Reader of its own)."""
 
-  def __init__(self, config, source: sources.Source, train: bool,
-               processes: worker_processes.WorkerProcesses | None = None):
+  def __init__(self, config, source: sources.Source, train: bool):
     self.d = config.dataset
     self.seed = config.seed
     self.source = source
     self.train = train
-    self.processes = processes
+    self.processes: worker_processes.WorkerProcesses | None = None
     self.fetch(0)  # Fail now, not in a worker, on a wrong image shape.
 
   def fetch(self, index: int) -> tuple[np.ndarray, int]:
@@ -182,8 +181,8 @@ def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
     raise DataError(f"start_examples={start_examples} is not where a step of the "
                     f"plan starts (plan covers 0-{total} examples)")
   source = source if source is not None else sources.train_source(config)
-  reader = Reader(config, source, train=True,
-                  processes=_processes(config, train=True))
+  reader = Reader(config, source, train=True)
+  reader.processes = _processes(config, train=True)  # After the checks.
   stream = order.ExampleOrder(n, config.seed)
 
   def jobs():
@@ -217,8 +216,8 @@ def eval_batches(config, global_batch_size: int, process_index: int = 0,
     raise DataError(f"eval batch {global_batch_size} must be a positive multiple "
                     f"of process_count={process_count}")
   source = source if source is not None else sources.eval_source(config)
-  reader = Reader(config, source, train=False,
-                  processes=_processes(config, train=False))
+  reader = Reader(config, source, train=False)
+  reader.processes = _processes(config, train=False)  # After the checks.
   num_examples, share = len(source), global_batch_size // process_count
 
   def jobs():
