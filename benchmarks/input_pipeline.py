@@ -261,10 +261,11 @@ def measure(config, seconds: float) -> tuple[float, float, int, float | None]:
 
 def main(argv):
   del argv
-  import tensorflow_datasets as tfds
-  if any(int(p) <= 0 for p in _PROCESSES.value):
+  if not all(p.isdigit() and int(p) > 0 for p in _PROCESSES.value):
     raise app.UsageError(f"--processes={','.join(_PROCESSES.value)}: each "
-                         "value must be positive (threads: --workers)")
+                         "value must be a positive integer (threads: "
+                         "--workers)")
+  import tensorflow_datasets as tfds
   cases = []
   if os.path.isfile(os.path.join(base.FASHION_MNIST_IDX_DIR,
                                  "train-images-idx3-ubyte.gz")):

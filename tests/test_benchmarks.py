@@ -306,3 +306,13 @@ def test_array_record_jpegs_read_through_the_trainers_source(tmp_path):
     assert image.dtype == np.uint8 and image.shape[2] == 3
     assert 300 <= image.shape[0] < 500 and 350 <= image.shape[1] < 500
     assert 0 <= label < 1000
+
+
+@pytest.mark.parametrize("value", ["0", "2,x"])
+def test_input_pipeline_refuses_a_bad_process_count(value):
+  r = subprocess.run([sys.executable, "-m", "benchmarks.input_pipeline",
+                      f"--processes={value}"], cwd=ROOT, capture_output=True,
+                     text=True, check=False)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert (f"--processes={value}: each value must be a positive integer "
+          "(threads: --workers)") in r.stderr
