@@ -170,3 +170,20 @@ def test_second_launch_loads_every_step_and_trains_the_same(tmp_path):
           == [r["batch_size"] for r in compiles[1]] == [64, 128, 256])
   assert finals[0] == finals[1]
   assert os.listdir(tmp_path / "cache" / "programs")
+
+
+def test_the_context_leaves_out_how_the_host_runs():
+  """Programs kept under one input-worker or in-flight setting serve
+  another (they compile the same); any other field makes a new context."""
+  from configs import fashion_mnist
+  from trainer import workdir as workdir_lib
+  base_config = fashion_mnist.get_config()
+  context = workdir_lib.without_host_fields(base_config)
+  host = fashion_mnist.get_config()
+  host.dataset.num_workers, host.dataset.worker_processes = 7, 3
+  host.dataset.prefetch_batches, host.steps_in_flight = 5, 2
+  assert workdir_lib.without_host_fields(host) == context
+  assert "worker_processes" not in context and '"ghost_batch_size"' in context
+  other = fashion_mnist.get_config()
+  other.model.width += 8
+  assert workdir_lib.without_host_fields(other) != context

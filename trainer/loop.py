@@ -162,7 +162,8 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
                or os.path.join(workdir, "compilation_cache"))
   compile_lib.enable_compilation_cache(cache_dir)
   programs = (program_cache_lib.ProgramCache(
-      os.path.join(cache_dir, "programs"), context=config.to_json())
+      os.path.join(cache_dir, "programs"),
+      context=workdir_lib.without_host_fields(config))
               if config.program_cache else None)
   replicated = mesh_lib.replicated(mesh)
   state = create_train_state(config, model, tx, mesh, config.seed)

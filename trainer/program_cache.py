@@ -8,7 +8,8 @@ seconds (README, benchmarks/stage_switch.py). This cache stores the
 executables themselves (`jax.experimental.serialize_executable`), under a
 key made of everything the traced program can depend on:
 
-* the caller's context (the trainer's config) and description of the
+* the caller's context (the trainer's config but for the fields that only
+  say how the host runs it, `workdir.HOST_FIELDS`) and description of the
   function (its batch size, shapes, shardings, settings);
 * the source text of the `trainer` and `models` packages;
 * the versions of Python, jax, jaxlib, flax and optax, every `jax.config`
@@ -98,7 +99,8 @@ class ProgramCache:
   """Executables under `directory`, one file per description.
 
   `context` names what the functions' code closes over that no description
-  shows (the trainer passes the whole config as JSON: model, optimizer...).
+  shows (the trainer passes its config as JSON, less HOST_FIELDS: model,
+  optimizer...).
   """
 
   def __init__(self, directory: str, context: str, *,

@@ -88,6 +88,20 @@ HOST_FIELDS = frozenset({"dataset.num_workers", "dataset.worker_processes",
                          "dataset.prefetch_batches", "steps_in_flight"})
 
 
+def without_host_fields(config) -> str:
+  """`config` as JSON without HOST_FIELDS: what the run trains and
+  compiles, so that compiled programs kept for one setting of them serve
+  another (the program cache's context)."""
+  tree = json.loads(config.to_json())
+  for field in HOST_FIELDS:
+    *parents, leaf = field.split(".")
+    node = tree
+    for name in parents:
+      node = node.get(name, {})
+    node.pop(leaf, None)
+  return json.dumps(tree, sort_keys=True)
+
+
 def config_differences(saved: dict, current: dict,
                        ignore: frozenset = frozenset()) -> list[str]:
   """`field (old → new)` for every field that differs, sorted, but for the
