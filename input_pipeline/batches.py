@@ -183,6 +183,9 @@ def train_batches(config, plan, start_examples: int = 0, process_index: int = 0,
   source = source if source is not None else sources.train_source(config)
   reader = Reader(config, source, train=True)
   reader.processes = _processes(config, train=True)  # After the checks.
+  if reader.processes is not None and process_index == 0:
+    print(f"input_pipeline: reading in {d.worker_processes} worker processes "
+          "(dataset.worker_processes)", flush=True)
   stream = order.ExampleOrder(n, config.seed)
 
   def jobs():

@@ -137,7 +137,10 @@ def test_worker_processes_end_when_their_parent_is_killed(tmp_path):
   parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
   try:
-    pids = [int(p) for p in parent.stdout.readline().split()]
+    line = parent.stdout.readline()
+    while line.startswith("input_pipeline:"):  # Its notice comes first.
+      line = parent.stdout.readline()
+    pids = [int(p) for p in line.split()]
   finally:
     parent.kill()
     parent.wait()

@@ -11,29 +11,30 @@ from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state, command,
 from trainer import metrics as metrics_lib
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, xla_cache, tiny_reference):
-  cache, single = xla_cache, tiny_reference
-
-  two = str(tmp_path_factory.mktemp("two"))
+def _two_processes(workdir, cache, *extra):
+  """The tiny run as two processes of 4 devices each; their outputs."""
   port = portpicker.pick_unused_port()
   env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   procs = [subprocess.Popen(
       ["timeout", "-s", "KILL", "300",  # Distributed JAX catches SIGTERM.
-       *command(two, cache, f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2", f"--process_id={i}")],
+       *command(workdir, cache, f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2", f"--process_id={i}", *extra)],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
            for i in range(2)]
   outs = [p.communicate() for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  return cache, single, two, outs
+  return outs
 
 
-def test_two_processes_match_one(runs):
-  _, single, two, outs = runs
-  assert "2 process(es), 8 devices (4 on process 0)" in outs[0][0]
-  assert "step 28/28" not in outs[1][0]  # Only process 0 reports.
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, xla_cache, tiny_reference):
+  cache, single = xla_cache, tiny_reference
+  two = str(tmp_path_factory.mktemp("two"))
+  return cache, single, two, _two_processes(two, cache)
+
+
+def _assert_same_training(single, two):
   a = metrics_lib.read_metrics(single, "train")
   b = metrics_lib.read_metrics(two, "train")
   assert [r["step"] for r in a] == [r["step"] for r in b] == list(
@@ -43,6 +44,25 @@ def test_two_processes_match_one(runs):
     assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
   # Gradients summed in another order over 28 steps: equal to ~1e-6 absolute.
   assert_same_state(final_state(single), final_state(two), rtol=1e-3, atol=2e-5)
+
+
+def test_two_processes_match_one(runs):
+  _, single, two, outs = runs
+  assert "2 process(es), 8 devices (4 on process 0)" in outs[0][0]
+  assert "step 28/28" not in outs[1][0]  # Only process 0 reports.
+  _assert_same_training(single, two)
+
+
+def test_two_processes_reading_in_worker_processes_match_one(runs, tmp_path):
+  """Each host's slice read by worker processes of its own (as the ImageNet
+  configs read on a pod) trains the same."""
+  cache, single, _, _ = runs
+  outs = _two_processes(str(tmp_path), cache,
+                        "--config.dataset.worker_processes=2")
+  assert ("input_pipeline: reading in 2 worker processes "
+          "(dataset.worker_processes)") in outs[0][0]
+  assert "worker processes" not in outs[1][0]  # Process 0 reports.
+  _assert_same_training(single, str(tmp_path))
 
 
 def test_two_process_checkpoint_restores_in_one_process(runs):
