@@ -16,8 +16,9 @@
 #   4. Stage switches and second-launch compile time of the smoke config.
 #   5. An ImageNet batch put as float32 normalised on the host against uint8
 #      normalised on the device.
-#   6. The input pipeline on that machine's cores (8 and 16 workers): the
-#      ImageNet-style decode and crop per core, against the step's rate.
+#   6. The input pipeline on that machine's cores (8 and 16 threads, then 8
+#      and 16 worker processes): the ImageNet-style decode and crop per core
+#      and whether one process's threads reach the step's rate (GIL).
 # Each part has its own time limit and writes its output to $OUT (default
 # ./gpu_figures), so a slow or failing part leaves the others' figures.
 #
