@@ -187,9 +187,12 @@ def test_image_size_mismatch(idx_dir):
           r"dataset.image_size/channels to match", _train, config)
 
 
-def test_label_outside_num_classes_surfaces_from_a_worker(idx_dir):
+@pytest.mark.parametrize("worker_processes", [0, 2])  # Threads; processes.
+def test_label_outside_num_classes_surfaces_from_a_worker(idx_dir,
+                                                          worker_processes):
   config = _config(source="idx", idx_dir=str(idx_dir), num_train_examples=40,
-                   num_classes=5, num_workers=2)
+                   num_classes=5, num_workers=2,
+                   worker_processes=worker_processes)
   config.schedule.batch_size = 8
   config.ghost_batch_size = 8
   batches = _train(config)

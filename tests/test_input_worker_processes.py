@@ -1,5 +1,5 @@
-"""dataset.worker_processes: the same batches as threads, errors as one line,
-nothing left behind."""
+"""dataset.worker_processes: the same batches as threads, errors as one line
+(a worker's own DataError: test_input_errors), nothing left behind."""
 import os
 import pathlib
 import signal
@@ -14,7 +14,6 @@ from input_pipeline import DataError
 from input_pipeline import eval_batches
 from input_pipeline import train_batches
 from tests.test_input_errors import _raises
-from tests.test_input_errors import _write_idx
 from tests.test_input_stream import _assert_same
 from tests.test_input_stream import _config
 from tests.test_input_stream import _stream
@@ -44,28 +43,6 @@ def test_worker_processes_give_the_same_eval_batches():
   for a, b in zip(processes, threads):
     for key in ("image", "label", "mask"):
       np.testing.assert_array_equal(a[key], b[key])
-
-
-def _idx_config(idx_dir, **dataset):
-  """2 worker processes reading 40 IDX images of 28x28, labels 0-9."""
-  rng = np.random.default_rng(0)
-  for prefix, n in (("train", 40), ("t10k", 10)):
-    _write_idx(idx_dir / f"{prefix}-images-idx3-ubyte.gz",
-               rng.integers(0, 256, (n, 28, 28)))
-    _write_idx(idx_dir / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-  config = _config(num_train_examples=40, batch_size=8)
-  config.dataset.update(dict(name="fashion_mnist", source="idx", image_size=28,
-                             idx_dir=str(idx_dir), worker_processes=2,
-                             augment="none") | dataset)
-  config.schedule.kind = "decay_lr"
-  config.ghost_batch_size = 8
-  return config
-
-
-def test_an_error_in_a_worker_process_is_its_one_line(tmp_path):
-  config = _idx_config(tmp_path, num_classes=5)
-  batches = train_batches(config, plan_lib.plan_from_config(config))
-  _raises(r"has label [5-9], outside dataset.num_classes=5", list, batches)
 
 
 # Tasks already submitted when the worker dies fail; once the pool knows

@@ -4,6 +4,7 @@ Workdirs may be local or remote (`gs://...`, through etils.epath).
 """
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
@@ -88,28 +89,31 @@ HOST_FIELDS = frozenset({"dataset.num_workers", "dataset.worker_processes",
                          "dataset.prefetch_batches", "steps_in_flight"})
 
 
-def without_host_fields(config) -> str:
-  """`config` as JSON without HOST_FIELDS: what the run trains and
-  compiles, so that compiled programs kept for one setting of them serve
-  another (the program cache's context)."""
-  tree = json.loads(config.to_json())
+def _without_host_fields(tree: dict) -> dict:
+  """A copy of the config `tree` (its JSON as a dict) without HOST_FIELDS."""
+  tree = copy.deepcopy(tree)
   for field in HOST_FIELDS:
     *parents, leaf = field.split(".")
     node = tree
     for name in parents:
       node = node.get(name, {})
     node.pop(leaf, None)
-  return json.dumps(tree, sort_keys=True)
+  return tree
 
 
-def config_differences(saved: dict, current: dict,
-                       ignore: frozenset = frozenset()) -> list[str]:
-  """`field (old → new)` for every field that differs, sorted, but for the
-  fields in `ignore`."""
+def without_host_fields(config) -> str:
+  """`config` as JSON without HOST_FIELDS: what the run trains and
+  compiles, so that compiled programs kept for one setting of them serve
+  another (the program cache's context)."""
+  return json.dumps(_without_host_fields(json.loads(config.to_json())),
+                    sort_keys=True)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """`field (old → new)` for every field that differs, sorted."""
   a, b = _flatten(saved), _flatten(current)
   return [f"{k} ({a.get(k)!r} → {b.get(k)!r})"
-          for k in sorted(a.keys() | b.keys())
-          if a.get(k) != b.get(k) and k not in ignore]
+          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def _saved_config(workdir: str):
@@ -129,8 +133,9 @@ def check_config(workdir: str, config, allow_change: bool = False) -> None:
   saved = _saved_config(workdir)
   if saved is None or allow_change:
     return
-  differ = config_differences(saved, json.loads(config.to_json()),
-                              ignore=HOST_FIELDS)
+  differ = config_differences(
+      _without_host_fields(saved),
+      _without_host_fields(json.loads(config.to_json())))
   if differ:
     shown = ", ".join(differ[:5])
     more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
