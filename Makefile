@@ -6,7 +6,7 @@ WORKDIR ?= workdirs/fashion_mnist
 # On a CPU host, 8 virtual devices ran the default model ~2.5x faster than one.
 CPU_DEVICES ?= 8
 
-.PHONY: setup run test
+.PHONY: setup run test gpu-program-env
 setup: .setup.stamp
 
 .setup.stamp: setup.py scripts/install_system_deps.sh
@@ -18,5 +18,20 @@ run: setup
 	XLA_FLAGS="--xla_force_host_platform_device_count=$(CPU_DEVICES) $$XLA_FLAGS" \
 	  $(PYTHON) -m trainer.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# The plugin environment serves one test, skipped if it cannot be installed.
 test: setup
+	-$(MAKE) --no-print-directory gpu-program-env
 	$(PYTHON) -m pytest tests -q
+
+# benchmarks/gpu_program.py: XLA's CUDA compiler plugin, of jax's version, in
+# an environment of its own (installed beside jax, every `import jax` would
+# try to start CUDA); it sees this Python's packages.
+GPU_PROGRAM_ENV ?= .venv-gpu-program
+gpu-program-env: $(GPU_PROGRAM_ENV)/.stamp
+
+$(GPU_PROGRAM_ENV)/.stamp: setup.py
+	$(PYTHON) -m venv --system-site-packages $(GPU_PROGRAM_ENV)
+	$(GPU_PROGRAM_ENV)/bin/python -m pip install --quiet \
+	  --disable-pip-version-check --no-deps \
+	  "jax-cuda12-pjrt==$$($(PYTHON) -c 'import jax; print(jax.__version__)')"
+	touch $@

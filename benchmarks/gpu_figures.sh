@@ -19,6 +19,9 @@
 #   6. The input pipeline on that machine's cores (8 and 16 threads, then 8
 #      and 16 worker processes): the ImageNet-style decode and crop per core
 #      and whether one process's threads reach the step's rate (GIL).
+#   7. The GPU's own description as XLA reads it (target_config.txtpb), and
+#      benchmarks/gpu_program.py's kernel counts compiled for it, against
+#      part 1's profile (and to set beside gpu_specs/h100_sxm.txtpb).
 # Each part has its own time limit and writes its output to $OUT (default
 # ./gpu_figures), so a slow or failing part leaves the others' figures.
 #
@@ -52,7 +55,7 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1
 } | tee "$OUT/versions.txt"
 
-PARTS=${PARTS:-reference_step in_flight reference_in_flight max_device_batch stage_switch batch_transfer input_pipeline}
+PARTS=${PARTS:-reference_step in_flight reference_in_flight max_device_batch stage_switch batch_transfer input_pipeline gpu_program}
 part() {  # Whether part $1 was asked for; prints its heading if so.
   [[ " $PARTS " == *" $1 "* ]] || return 1
   echo "== $1"
@@ -102,5 +105,20 @@ timeout 60 "$PY" benchmarks/batch_transfer.py --repeats=20 2>&1 \
 part input_pipeline &&
 timeout 180 "$PY" -m benchmarks.input_pipeline --seconds=4 --workers=8,16 --processes=8,16 \
     --step_batch_sizes= 2>&1 | tee "$OUT/input_pipeline.txt"
+
+part gpu_program && {
+  timeout 30 "$PY" -c 'import sys, jax
+from jax._src.lib import xla_client as xc
+config = xc.get_topology_for_devices(jax.devices()).target_config
+sys.stdout.buffer.write(config if isinstance(config, bytes) else config.encode())' \
+      > "$OUT/target_config.txtpb" &&
+  profile=()  # Part 1's profile, when it ran: the same trainers.
+  [[ -f $OUT/reference_step_ops.json ]] &&
+    profile=(--profile="$OUT/reference_step_ops.json")
+  timeout 300 "$PY" benchmarks/gpu_program.py --gpu="$OUT/target_config.txtpb" \
+      --bn_gradient=explicit,autodiff --bn_relu=fused,separate "${profile[@]}" \
+      --json="$OUT/gpu_program.json" 2>&1 \
+      | grep -v "^[WI][0-9]" | tee "$OUT/gpu_program.txt"
+}
 
 exit 0  # A skipped or failed part leaves the others' figures.

@@ -177,9 +177,9 @@ def build(name, args, compile_steps: bool = True) -> dict:
 
   # Ours, once per batch norm variance, gradient and ReLU asked for (the
   # ReLU's place matters only to the written-out gradient).
-  variances = _choices(args.bn_variance, BN_VARIANCES, "--bn_variance")
-  gradients = _choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
-  relus = _choices(args.bn_relu, BN_RELUS, "--bn_relu")
+  variances = choices(args.bn_variance, BN_VARIANCES, "--bn_variance")
+  gradients = choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
+  relus = choices(args.bn_relu, BN_RELUS, "--bn_relu")
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
   for who, variance, gradient, relu in our_variants(variances, gradients,
                                                     relus):
@@ -221,7 +221,7 @@ def our_variants(variances, gradients, relus):
   return rows
 
 
-def _choices(flag_value: str, allowed, flag: str) -> list[str]:
+def choices(flag_value: str, allowed, flag: str) -> list[str]:
   values = flag_value.split(",")
   for value in values:
     if value not in allowed:
@@ -230,19 +230,15 @@ def _choices(flag_value: str, allowed, flag: str) -> list[str]:
   return values
 
 
-def reference_step(model, config, mesh, batch, compile_steps: bool) -> dict:
-  """The Flax-ImageNet-style step for `model`: its jitted init and step, a
-  state, and the compiled step (None unless `compile_steps`)."""
+def reference_functions(model, config):
+  """The Flax-ImageNet-style (init, step) for `model`, not yet jitted:
+  init(key) -> state; step(state, batch) -> (state, loss)."""
   import flax
   import jax
   import jax.numpy as jnp
   import optax
 
-  from trainer import compile as compile_lib
-  from trainer import mesh as mesh_lib
-
   d = config.dataset
-  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   weight_decay = config.optimizer.weight_decay
 
@@ -273,9 +269,31 @@ def reference_step(model, config, mesh, batch, compile_steps: bool) -> dict:
     return RefState(optax.apply_updates(state.params, updates), stats,
                     opt_state), loss
 
-  init = jax.jit(init, out_shardings=replicated)
-  jitted = jax.jit(step, in_shardings=(replicated, data),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+  return init, step
+
+
+def reference_jit(step, mesh):
+  """`step` jitted as the reference runs it: state replicated and donated,
+  the batch split over the `data` axis."""
+  import jax
+
+  from trainer import mesh as mesh_lib
+  replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(replicated, data),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def reference_step(model, config, mesh, batch, compile_steps: bool) -> dict:
+  """The Flax-ImageNet-style step for `model`: its jitted init and step, a
+  state, and the compiled step (None unless `compile_steps`)."""
+  import jax
+
+  from trainer import compile as compile_lib
+  from trainer import mesh as mesh_lib
+
+  init, step = reference_functions(model, config)
+  init = jax.jit(init, out_shardings=mesh_lib.replicated(mesh))
+  jitted = reference_jit(step, mesh)
   state = init(jax.random.PRNGKey(0))
   abstract = compile_lib.abstract
   compiled = (jitted.lower(abstract(state), abstract(batch)).compile()

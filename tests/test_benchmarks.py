@@ -67,13 +67,13 @@ def test_trace_times_the_operations_of_a_jitted_function():
 
 
 def test_reference_step_rejects_an_unknown_choice():
-  assert reference_step._choices("one_pass,two_pass",
+  assert reference_step.choices("one_pass,two_pass",
                                  reference_step.BN_VARIANCES,
                                  "--bn_variance") == ["one_pass", "two_pass"]
   with pytest.raises(SystemExit,
                      match="unknown --bn_gradient 'manual'; choose from "
                            "explicit, autodiff"):
-    reference_step._choices("explicit,manual", reference_step.BN_GRADIENTS,
+    reference_step.choices("explicit,manual", reference_step.BN_GRADIENTS,
                             "--bn_gradient")
 
 
@@ -183,7 +183,7 @@ def test_unknown_bn_relu_is_refused():
   with pytest.raises(SystemExit,
                      match="unknown --bn_relu 'inside'; choose from "
                            "fused, separate"):
-    reference_step._choices("fused,inside", reference_step.BN_RELUS,
+    reference_step.choices("fused,inside", reference_step.BN_RELUS,
                             "--bn_relu")
 
 

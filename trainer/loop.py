@@ -38,9 +38,8 @@ class TrainingDiverged(RuntimeError):
 RUN_ERRORS = (TrainingDiverged, checkpoint_lib.CheckpointError)
 
 
-def create_train_state(config, model, tx, mesh, seed: int):
-  """The initial TrainState, created directly with replicated sharding (the
-  key and the example input too: no host-to-device transfer)."""
+def initial_state_fn(config, model, tx, seed: int):
+  """The function that makes the initial TrainState (no arguments)."""
   d = config.dataset
 
   def init():
@@ -54,7 +53,14 @@ def create_train_state(config, model, tx, mesh, seed: int):
                                batch_stats=variables["batch_stats"],
                                opt_state=tx.init(params), ema_params=ema)
 
-  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))()
+  return init
+
+
+def create_train_state(config, model, tx, mesh, seed: int):
+  """The initial TrainState, created directly with replicated sharding (the
+  key and the example input too: no host-to-device transfer)."""
+  return jax.jit(initial_state_fn(config, model, tx, seed),
+                 out_shardings=mesh_lib.replicated(mesh))()
 
 
 def _scalar(value, sharding):

@@ -1,0 +1,124 @@
+"""benchmarks/gpu_program.py: reading compiled HLO."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import gpu_program
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_of_a_compiled_module_with_numbered_operands():
+  # Seven operands: XLA prints the sixth after a "/*index=5*/" comment.
+  f = jax.jit(lambda *xs: jnp.sin(sum(xs)) * 2.0)
+  xs = [jnp.full((1000,), i, jnp.float32) for i in range(7)]
+  found = gpu_program.kernels(f.lower(*xs).compile().as_text())
+  assert len(found) == 1
+  (kernel,) = found
+  assert kernel.opcode == "fusion"
+  assert kernel.bytes == 8 * 4000  # Seven inputs and the output.
+  assert gpu_program.summary(found) == dict(
+      kernels=1, tiny=1, library=0, gb_moved=pytest.approx(32e-6))
+
+
+HLO = """HloModule m
+
+%fused_computation (p: f32[8,128]) -> f32[8,128] {
+  ROOT %p = f32[8,128]{1,0} parameter(0)
+}
+
+ENTRY %main.5 (a: bf16[256,28,28,128], b: f32[8,128]) -> (f32[128], f32[]) {
+  %a = bf16[256,28,28,128]{3,2,1,0} parameter(0), metadata={op_name="a"}
+  %b = f32[8,128]{1,0} parameter(1)
+  %cudnn-conv.3 = (bf16[256,28,28,128]{3,2,1,0}, u8[0]{0}) custom-call(%a, %a), custom_call_target="__cudnn$convForward"
+  %get-tuple-element.1 = bf16[256,28,28,128]{3,2,1,0} get-tuple-element(%cudnn-conv.3), index=0
+  %input_reduce_fusion.7 = ((f32[256,128]{1,0}, f32[256,128]{1,0}), f32[8,128]{1,0}) fusion(%get-tuple-element.1, %b), kind=kInput, calls=%fused_computation
+  %loop_multiply_fusion.2 = f32[8,128]{1,0} fusion(%b), kind=kLoop, calls=%fused_computation
+  %tuple.9 = (f32[8,128]{1,0}, f32[8,128]{1,0}, f32[8,128]{1,0}, f32[8,128]{1,0}, f32[8,128]{1,0}, /*index=5*/f32[8,128]{1,0}) tuple(%b, %b, %b, %b, %b, /*index=5*/%b)
+  ROOT %copy.4 = f32[8,128]{1,0} copy(%loop_multiply_fusion.2)
+}
+"""
+
+
+def test_kernels_shapes_tuples_and_families():
+  found = gpu_program.kernels(HLO)
+  activations = 256 * 28 * 28 * 128 * 2
+  stats = 8 * 128 * 4
+  assert [(k.name, k.opcode, k.bytes) for k in found] == [
+      ("cudnn-conv.3", "custom-call", 3 * activations),
+      ("input_reduce_fusion.7", "fusion",
+       activations + stats + 2 * 256 * 128 * 4 + stats),
+      ("loop_multiply_fusion.2", "fusion", 2 * stats),
+      ("copy.4", "copy", 2 * stats)]
+  assert gpu_program.families(found) == {
+      "cudnn-conv": 1, "input_reduce_fusion": 1, "loop_multiply_fusion": 1,
+      "copy": 1}
+  summary = gpu_program.summary(found)
+  assert summary["kernels"] == 4 and summary["library"] == 1
+  assert summary["tiny"] == 2  # The multiply and the copy.
+  assert summary["gb_moved"] == pytest.approx(
+      (activations + 2 * 256 * 128 * 4 + 6 * stats) / 1e9)
+
+
+def test_an_instruction_it_cannot_read_is_refused():
+  broken = HLO.replace("%copy.4 = f32[8,128]{1,0} copy(", "%copy.4 = copy(")
+  with pytest.raises(ValueError, match="unread HLO instruction: .*copy.4"):
+    gpu_program.kernels(broken)
+
+
+def test_report_lists_the_families_that_differ():
+  found = gpu_program.kernels(HLO)
+  lines = gpu_program.report("net", {"ours": found, "reference": found[:2]},
+                             top=5)
+  assert lines[2].split() == ["ours", "4", "2", "1", "0.05"]
+  assert lines[3].split() == ["reference", "2", "0", "1", "0.05"]
+  families = {line.split()[0]: line.split()[1:] for line in lines[6:]}
+  assert families == {"copy": ["1", "0"], "loop_multiply_fusion": ["1", "0"]}
+
+
+def test_against_a_profile_names_the_families_that_differ():
+  found = {"ours": gpu_program.kernels(HLO)}
+  ops = {"cudnn-conv.1": 1.0, "input_reduce_fusion.3": 0.5,
+         "loop_multiply_fusion.9": 0.1, "copy.2": 0.1}
+  rows = [dict(model="net", trainer="ours", ops=ops),
+          dict(model="net", trainer="reference", ops=ops),  # Not compiled.
+          dict(model="other", trainer="ours", ops={})]
+  assert gpu_program.against_profile("net", found, rows) == [
+      "net ours: 4 operations profiled, 4 compiled; every family the same"]
+  del ops["copy.2"]
+  ops["loop_select_fusion.4"] = 0.2
+  assert gpu_program.against_profile("net", found, rows) == [
+      "net ours: 4 operations profiled, 4 compiled; copy 0 vs 1, "
+      "loop_select_fusion 1 vs 0"]
+
+
+def test_without_the_plugin_it_says_how_to_get_it():
+  if gpu_program._plugin_found():
+    pytest.skip("this Python has the CUDA plugin")
+  result = subprocess.run(
+      [sys.executable, "benchmarks/gpu_program.py", "--models=small"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      "gpu_program.py needs XLA's CUDA plugin (jax-cuda12-pjrt), which this "
+      "Python lacks: run `make gpu-program-env`, then "
+      ".venv-gpu-program/bin/python benchmarks/gpu_program.py")
+
+
+@pytest.mark.parametrize("flag, code, message", [
+    ("--models=vgg", 2, "unknown model 'vgg'; choose from resnet50, small"),
+    ("--bn_relu=inside", 1,
+     "unknown --bn_relu 'inside'; choose from fused, separate"),
+    ("--gpu=nowhere.txtpb", 2, "no GPU description at nowhere.txtpb"),
+    ("--profile=nowhere.json", 2, "no profile at nowhere.json"),
+])
+def test_bad_flag_is_refused_before_compiling(flag, code, message):
+  result = subprocess.run(
+      [sys.executable, "benchmarks/gpu_program.py", flag],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == code
+  assert message in result.stderr.strip().splitlines()[-1]
