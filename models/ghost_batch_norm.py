@@ -38,16 +38,20 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
-def _group_mean(values: jax.Array, g: int) -> jax.Array:
-  """[B, ..., C] -> [B/g, C]: the mean over each group of g consecutive
+def _group_sum(values: jax.Array, g: int) -> jax.Array:
+  """[B, ..., C] -> [B/g, C]: the sum over each group of g consecutive
   examples and over space. Each example's spatial sum is taken first, over
   the activations as they are, then the g sums of a group are added (a tiny
   [B/g, g, C] sum): reducing the [B, ..., C] array itself, rather than a
   [B/g, g, ..., C] view of it, let XLA:GPU fuse the backward pass closer to
   the way it fuses a plain batch norm's (docs/results/benchmarks/h100/)."""
   sums = jnp.sum(values, axis=tuple(range(1, values.ndim - 1)))
-  return (jnp.sum(sums.reshape(-1, g, sums.shape[-1]), axis=1)
-          / _group_count(values.shape, g))
+  return jnp.sum(sums.reshape(-1, g, sums.shape[-1]), axis=1)
+
+
+def _group_mean(values: jax.Array, g: int) -> jax.Array:
+  """[B, ..., C] -> [B/g, C]: `_group_sum` over the values per group."""
+  return _group_sum(values, g) / _group_count(values.shape, g)
 
 
 def _group_count(shape, g: int) -> int:
@@ -74,6 +78,11 @@ def _ghost_normalize(x, scale, bias, residual, g, epsilon, fast_variance,
   at 0 against rounding, in the same pass as the mean (as Flax's BatchNorm);
   else E[(x - E[x])²], a second pass that loses nothing to cancellation
   when |mean| >> std.
+
+  The multiplier rsqrt(var + ε) * scale is computed per group, [B/g, C],
+  and broadcast to the examples after: computed per example, XLA:GPU wrote
+  it out as a [B/g, g, C] array in a kernel of its own, one per norm
+  (`benchmarks/gpu_program.py` counts the kernels of the H100 program).
   """
   x32 = jnp.asarray(x, jnp.float32)
   mean = _group_mean(x32, g)
@@ -82,8 +91,8 @@ def _ghost_normalize(x, scale, bias, residual, g, epsilon, fast_variance,
     var = jnp.maximum(_group_mean(jnp.square(x32), g) - jnp.square(mean), 0.0)
   else:
     var = _group_mean(jnp.square(x32 - example_mean), g)
-  y = _affine(x32, example_mean, _per_example(var, g, x.ndim), scale, bias,
-              epsilon)
+  multiplier = _per_example(_multiplier(var, scale, epsilon), g, x.ndim)
+  y = _affine(x32, example_mean, multiplier, bias)
   return _output(y, residual, relu, dtype), mean, var
 
 
@@ -99,13 +108,18 @@ def _output(y32, residual, relu, dtype):
   return jax.nn.relu(z) if relu else z
 
 
-def _affine(x32, mean, var, scale, bias, epsilon):
-  """(x - mean) / sqrt(var + epsilon) * scale + bias in float32, `mean` and
-  `var` broadcasting against `x32` (the groups' in training, the running
+def _multiplier(var, scale, epsilon):
+  """rsqrt(var + epsilon) * scale in float32: what the centred activations
+  are multiplied by (`var` [C] or [B/g, C])."""
+  return jax.lax.rsqrt(var + epsilon) * jnp.asarray(scale, jnp.float32)
+
+
+def _affine(x32, mean, multiplier, bias):
+  """(x - mean) * multiplier + bias in float32, `mean` and `multiplier`
+  broadcasting against `x32` (the groups' in training, from the running
   averages in evaluation): one fused elementwise pass whose reads and
   writes stay in the activations' dtype, and x - mean suffers no bfloat16
   cancellation."""
-  multiplier = jax.lax.rsqrt(var + epsilon) * jnp.asarray(scale, jnp.float32)
   return (x32 - mean) * multiplier + jnp.asarray(bias, jnp.float32)
 
 
@@ -161,13 +175,21 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
       relu_input = (y32 if residual is None
                     else _output(y32, residual, False, dtype))
       dy32 = jnp.where(relu_input > 0, dy32, 0.0)
-    mean_dy = _group_mean(dy32, g)
-    mean_dy_x_hat = _group_mean(dy32 * x_hat, g)
-    dx = (_per_example(rstd * jnp.asarray(scale, jnp.float32), g, ndim)
-          * (dy32 - _per_example(mean_dy, g, ndim)
-             - x_hat * _per_example(mean_dy_x_hat, g, ndim)))
-    dscale = jnp.sum(mean_dy_x_hat, axis=0) * count
-    dbias = jnp.sum(mean_dy, axis=0) * count
+    # dx = scale * rstd / n * (n * dy - sum(dy) - x̂ * sum(dy * x̂)): the
+    # group sums enter dx as the reduction leaves them, where dividing them
+    # by n first made XLA:GPU write the quotients out in two kernels of
+    # their own per norm. dscale and dbias add the groups' means times n
+    # (the same values): adding the sums themselves, XLA re-reduced the
+    # per-example sums in two more kernels instead of folding the sum over
+    # groups into the optimizer's update (`benchmarks/gpu_program.py`).
+    sum_dy = _group_sum(dy32, g)
+    sum_dy_x_hat = _group_sum(dy32 * x_hat, g)
+    dx = (_per_example(rstd * jnp.asarray(scale, jnp.float32) / count, g,
+                       ndim)
+          * (dy32 * count - _per_example(sum_dy, g, ndim)
+             - x_hat * _per_example(sum_dy_x_hat, g, ndim)))
+    dscale = jnp.sum(sum_dy_x_hat / count, axis=0) * count
+    dbias = jnp.sum(sum_dy / count, axis=0) * count
   if dmean is not None:  # mean = sum(x) / n per group.
     dx = dx + _per_example(dmean / count, g, ndim)
   if dvar is not None:  # var = sum((x - mean)²) / n; the mean's term is 0.
@@ -244,7 +266,7 @@ class GhostBatchNorm(nn.Module):
 
     if self.use_running_average:
       y = _affine(jnp.asarray(x, jnp.float32), running_mean.value,
-                  running_var.value, scale, bias, self.epsilon)
+                  _multiplier(running_var.value, scale, self.epsilon), bias)
       return _output(y, residual, self.relu, self.dtype)
 
     g = self.ghost_batch_size

@@ -1,4 +1,6 @@
-"""benchmarks/gpu_program.py: reading compiled HLO."""
+"""benchmarks/gpu_program.py: reading compiled HLO, and the H100 program of
+ghost batch norm, compiled on this CPU."""
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,8 @@ import pytest
 from benchmarks import gpu_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = os.path.join(ROOT, ".venv-gpu-program")  # make gpu-program-env
+ENV_PYTHON = os.path.join(ENV, "bin", "python")
 
 
 def test_kernels_of_a_compiled_module_with_numbered_operands():
@@ -122,3 +126,24 @@ def test_bad_flag_is_refused_before_compiling(flag, code, message):
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == code
   assert message in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ENV, ".stamp")),
+                    reason="no .venv-gpu-program (make gpu-program-env)")
+def test_ghost_batch_norm_launches_no_more_h100_kernels_than_batch_norm():
+  """ResNet-50's 28 px stage as XLA compiles it for an H100: ghost batch
+  norm, its groups' statistics included, launches no more kernels than
+  Flax's BatchNorm and moves at most 3% more (a pass over the activations
+  is 4%); with the skip add and the ReLU in its gradient, fewer kernels and
+  fewer bytes than without."""
+  result = subprocess.run([ENV_PYTHON, "tests/gpu_program_norms.py"],
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  runs = json.loads(result.stdout.strip().splitlines()[-1])
+  ghost, fused, plain = runs["ghost"], runs["ghost_fused"], runs["plain"]
+  assert ghost["library"] == plain["library"] == 11  # 4 convs, 7 gradients.
+  assert ghost["kernels"] <= plain["kernels"]
+  assert ghost["gb_moved"] <= 1.03 * plain["gb_moved"]
+  assert fused["kernels"] < ghost["kernels"]
+  assert fused["gb_moved"] < ghost["gb_moved"]
