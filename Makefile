@@ -6,7 +6,7 @@ WORKDIR ?= workdirs/fashion_mnist
 # On a CPU host, 8 virtual devices ran the default model ~2.5x faster than one.
 CPU_DEVICES ?= 8
 
-.PHONY: setup run test gpu-program-env
+.PHONY: setup run test gpu-program-env tpu-program-env
 setup: .setup.stamp
 
 .setup.stamp: setup.py scripts/install_system_deps.sh
@@ -18,9 +18,10 @@ run: setup
 	XLA_FLAGS="--xla_force_host_platform_device_count=$(CPU_DEVICES) $$XLA_FLAGS" \
 	  $(PYTHON) -m trainer.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# The plugin environment serves one test, skipped if it cannot be installed.
+# The compile-only environments serve two tests, skipped if they cannot be
+# installed.
 test: setup
-	-$(MAKE) --no-print-directory gpu-program-env
+	-$(MAKE) -k --no-print-directory gpu-program-env tpu-program-env
 	$(PYTHON) -m pytest tests -q
 
 # benchmarks/gpu_program.py: XLA's CUDA compiler plugin, of jax's version, in
@@ -34,4 +35,17 @@ $(GPU_PROGRAM_ENV)/.stamp: setup.py
 	$(GPU_PROGRAM_ENV)/bin/python -m pip install --quiet \
 	  --disable-pip-version-check --no-deps \
 	  "jax-cuda12-pjrt==$$($(PYTHON) -c 'import jax; print(jax.__version__)')"
+	touch $@
+
+# benchmarks/tpu_program.py: libtpu, the version jax's `tpu` extra names, in
+# an environment of its own for the same reason.
+TPU_PROGRAM_ENV ?= .venv-tpu-program
+tpu-program-env: $(TPU_PROGRAM_ENV)/.stamp
+
+$(TPU_PROGRAM_ENV)/.stamp: setup.py
+	$(PYTHON) -m venv --system-site-packages $(TPU_PROGRAM_ENV)
+	$(TPU_PROGRAM_ENV)/bin/python -m pip install --quiet \
+	  --disable-pip-version-check --no-deps "$$($(PYTHON) -c \
+	  "import importlib.metadata as m; print(next(r.split(';')[0].strip() \
+	  for r in m.requires('jax') if r.startswith('libtpu')))")"
 	touch $@
