@@ -138,7 +138,6 @@ def _plugin_found() -> bool:
 def compile_only_mesh(gpu_spec: str):
   """A one-device `data` mesh of a compile-only GPU described in the file
   `gpu_spec` (a text GpuTargetConfigProto)."""
-  import jax
   from jax.experimental import topologies
 
   from trainer import mesh as mesh_lib
@@ -171,11 +170,6 @@ def compile_steps(name: str, args, mesh) -> dict:
   b, d = args.batch_size, config.dataset
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
-  def on_mesh(tree, sharding):
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        tree)
-
   compiled = {}
   for who, _, gradient, relu in ref_lib.our_variants(
       ["one_pass"], args.bn_gradient.split(","), args.bn_relu.split(",")):
@@ -184,8 +178,8 @@ def compile_steps(name: str, args, mesh) -> dict:
     model = models.create_model(config)
     tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
                                       momentum=0.9)
-    state = on_mesh(jax.eval_shape(loop.initial_state_fn(config, model, tx,
-                                                         seed=0)), replicated)
+    state = compile_lib.abstract(jax.eval_shape(
+        loop.initial_state_fn(config, model, tx, seed=0)), replicated)
     # The function reference_step.py times: the trainer's step for a
     # per-device batch below max_device_batch.
     compiler = compile_lib.StepCompiler.for_config(
@@ -198,8 +192,9 @@ def compile_steps(name: str, args, mesh) -> dict:
 
   init, step = ref_lib.reference_functions(ref_lib.reference_model(config),
                                            config)
-  state = on_mesh(jax.eval_shape(init, jax.random.PRNGKey(0)), replicated)
-  batch = on_mesh(dict(
+  state = compile_lib.abstract(jax.eval_shape(init, jax.random.PRNGKey(0)),
+                               replicated)
+  batch = compile_lib.abstract(dict(
       image=jax.ShapeDtypeStruct((b, d.image_size, d.image_size, d.channels),
                                  jnp.uint8),
       label=jax.ShapeDtypeStruct((b,), jnp.int32)), data)

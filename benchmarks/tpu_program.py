@@ -86,10 +86,9 @@ def compile_stage(config, mesh, per_device_batch: int) -> dict:
   model = models.create_model(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
                                     momentum=0.9)
-  replicated = mesh_lib.replicated(mesh)
-  state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(loop.initial_state_fn(config, model, tx, seed=0)))
+  state = compile_lib.abstract(
+      jax.eval_shape(loop.initial_state_fn(config, model, tx, seed=0)),
+      mesh_lib.replicated(mesh))
   compiler = compile_lib.StepCompiler.for_config(
       config, mesh=mesh, model=model, tx=tx, state=state)
   batch_size = per_device_batch * mesh.size

@@ -39,10 +39,13 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def abstract(tree):
-  """ShapeDtypeStructs (with shardings) of a tree of arrays: what `lower` takes."""
+def abstract(tree, sharding=None):
+  """ShapeDtypeStructs (with shardings) of a tree of arrays: what `lower`
+  takes. Each keeps its own sharding unless `sharding` is given (which also
+  places the ShapeDtypeStructs of `jax.eval_shape`)."""
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=sharding or x.sharding),
       tree)
 
 
