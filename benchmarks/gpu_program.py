@@ -53,7 +53,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 TINY_BYTES = 1 << 20
 SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
-PLUGIN = "jax_plugins.xla_cuda12"
+# XLA's CUDA plugin: jax-cuda12-pjrt (make gpu-program-env) or, in a CUDA 13
+# image, jax-cuda13-pjrt.
+PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 # HLO instructions that launch nothing.
 _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant",
                 "bitcast", "after-all", "partition-id", "replica-id"}
@@ -130,7 +132,7 @@ def families(found: list[Kernel]) -> collections.Counter:
 def _plugin_found() -> bool:
   import importlib.util
   try:
-    return importlib.util.find_spec(PLUGIN) is not None
+    return any(importlib.util.find_spec(p) is not None for p in PLUGINS)
   except ModuleNotFoundError:  # No jax_plugins package at all.
     return False
 
