@@ -166,30 +166,21 @@ def compile_steps(name: str, args, mesh) -> dict:
   from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
-  from trainer import optimizer as optimizer_lib
 
   config = ref_lib.load(name, args)
   b, d = args.batch_size, config.dataset
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
   compiled = {}
-  for who, _, gradient, relu in ref_lib.our_variants(
+  for who, variance, gradient, relu in ref_lib.our_variants(
       ["one_pass"], args.bn_gradient.split(","), args.bn_relu.split(",")):
-    config.model.bn_explicit_gradient = gradient == "explicit"
-    config.model.bn_fuse_relu = relu == "fused"
+    ref_lib.set_variant(config, variance, gradient, relu)
     model = models.create_model(config)
-    tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                      momentum=0.9)
+    tx = ref_lib.our_optimizer(config)
     state = compile_lib.abstract(jax.eval_shape(
         loop.initial_state_fn(config, model, tx, seed=0)), replicated)
-    # The function reference_step.py times: the trainer's step for a
-    # per-device batch below max_device_batch.
-    compiler = compile_lib.StepCompiler.for_config(
-        config, mesh=mesh, model=model, tx=tx, state=state,
-        max_device_batch=2 * b, micro_batch_unroll=0, accumulation="host",
-        weight_average=False)
-    compiled[who] = compiler.compile_accumulation(b)["single"]
-    compiler.close()
+    # The function reference_step.py times.
+    compiled[who] = ref_lib.compile_our_step(config, mesh, model, tx, state, b)
     print(f"compiled {name} {who}", file=sys.stderr, flush=True)
 
   init, step = ref_lib.reference_functions(ref_lib.reference_model(config),
@@ -293,12 +284,7 @@ def main():
     sys.exit("gpu_program.py needs XLA's CUDA plugin (jax-cuda12-pjrt), "
              "which this Python lacks: run `make gpu-program-env`, then "
              ".venv-gpu-program/bin/python benchmarks/gpu_program.py")
-  profiled_rows = []
-  if a.profile:
-    import gzip
-    opener = gzip.open if a.profile.endswith(".gz") else open
-    with opener(a.profile, "rt") as f:
-      profiled_rows = json.load(f)
+  profiled_rows = ref_lib.load_ops_json(a.profile) if a.profile else []
   mesh = compile_only_mesh(a.gpu)
   results = {}
   for name in a.models.split(","):

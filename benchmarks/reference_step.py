@@ -147,10 +147,8 @@ def build(name, args, compile_steps: bool = True) -> dict:
 
   import models
   from benchmarks import common
-  from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
-  from trainer import optimizer as optimizer_lib
 
   config = load(name, args)
   mesh = mesh_lib.make_mesh()
@@ -160,19 +158,10 @@ def build(name, args, compile_steps: bool = True) -> dict:
 
   def ours_step(model):
     """Our step for `model`: (tx, compiled step or None, state)."""
-    tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                      momentum=0.9)
+    tx = our_optimizer(config)
     state = loop.create_train_state(config, model, tx, mesh, seed=0)
-    step = None
-    if compile_steps:
-      compiler = compile_lib.StepCompiler.for_config(
-          config, mesh=mesh, model=model, tx=tx, state=state,
-          max_device_batch=2 * b, micro_batch_unroll=0, accumulation="host",
-          weight_average=False)
-      # What the trainer runs for a per-device batch below max_device_batch:
-      # one composed function, as the reference's step is.
-      step = compiler.compile_accumulation(b)["single"]
-      compiler.close()
+    step = (compile_our_step(config, mesh, model, tx, state, b)
+            if compile_steps else None)
     return tx, step, state
 
   # Ours, once per batch norm variance, gradient and ReLU asked for (the
@@ -183,9 +172,7 @@ def build(name, args, compile_steps: bool = True) -> dict:
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
   for who, variance, gradient, relu in our_variants(variances, gradients,
                                                     relus):
-    config.model.bn_fast_variance = variance == "one_pass"
-    config.model.bn_explicit_gradient = gradient == "explicit"
-    config.model.bn_fuse_relu = relu == "fused"
+    set_variant(config, variance, gradient, relu)
     model = models.create_model(config)
     ours[who] = (config.copy_and_resolve_references(), model,
                  *ours_step(model))
@@ -204,6 +191,44 @@ def build(name, args, compile_steps: bool = True) -> dict:
   return dict(config=config, mesh=mesh, batch=batch,
               hyper=common.step_hyper(mesh, learning_rate=0.1), ours=ours,
               refs=refs)
+
+
+def set_variant(config, variance: str, gradient: str, relu: str) -> None:
+  """Sets `config`'s batch norm to one of BN_VARIANCES, BN_GRADIENTS and
+  BN_RELUS."""
+  config.model.bn_fast_variance = variance == "one_pass"
+  config.model.bn_explicit_gradient = gradient == "explicit"
+  config.model.bn_fuse_relu = relu == "fused"
+
+
+def our_optimizer(config):
+  """Our optimizer as the benchmark runs it (lr 0.1, momentum 0.9)."""
+  from trainer import optimizer as optimizer_lib
+  return optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                      momentum=0.9)
+
+
+def compile_our_step(config, mesh, model, tx, state, batch_size: int):
+  """What the trainer runs for a per-device batch below max_device_batch,
+  compiled for `mesh` and `state` (arrays or ShapeDtypeStructs): one
+  composed function, as the reference's step is."""
+  from trainer import compile as compile_lib
+  compiler = compile_lib.StepCompiler.for_config(
+      config, mesh=mesh, model=model, tx=tx, state=state,
+      max_device_batch=2 * batch_size, micro_batch_unroll=0,
+      accumulation="host", weight_average=False)
+  try:
+    return compiler.compile_accumulation(batch_size)["single"]
+  finally:
+    compiler.close()
+
+
+def load_ops_json(path: str) -> list[dict]:
+  """The rows of an --ops_json file (.json or .json.gz)."""
+  import gzip
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    return json.load(f)
 
 
 def our_variants(variances, gradients, relus):
@@ -483,10 +508,7 @@ def main():
   if a.in_flight not in (1, 2):
     p.error(f"--in_flight must be 1 or 2, got {a.in_flight}")
   if a.from_ops_json:
-    import gzip
-    opener = gzip.open if a.from_ops_json.endswith(".gz") else open
-    with opener(a.from_ops_json, "rt") as f:
-      print_profiles(json.load(f), a.top_ops)
+    print_profiles(load_ops_json(a.from_ops_json), a.top_ops)
     return
   if a.child:
     print(json.dumps(measure(a.child, a)))
