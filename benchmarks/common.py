@@ -1,5 +1,6 @@
 """What the step benchmarks share: a config with overrides, random batches,
-the step's scalars, and timing the step as the trainer runs it."""
+the step's scalars, timing the step as the trainer runs it, and compiling a
+stage's functions for any mesh (compile-only devices included)."""
 from __future__ import annotations
 
 import ast
@@ -84,3 +85,53 @@ def seconds_per_step(step, state, batch, hyper, steps: int,
   state = run_steps(step, state, (batch, hyper), steps, in_flight,
                     jax.device_get)
   return state, (time.perf_counter() - start) / steps
+
+
+def compile_stage(config, mesh, per_device_batch: int, **overrides) -> dict:
+  """{function name: compiled} the trainer runs for a stage of
+  `per_device_batch` examples on every device of `mesh` (compiled only,
+  so `mesh` may be of devices this machine has not got); `overrides`
+  replace the config's compiler settings (`StepCompiler.for_config`)."""
+  import jax
+
+  import models
+  from trainer import compile as compile_lib
+  from trainer import loop
+  from trainer import mesh as mesh_lib
+  from trainer import optimizer as optimizer_lib
+
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  state = compile_lib.abstract(
+      jax.eval_shape(loop.initial_state_fn(config, model, tx, seed=0)),
+      mesh_lib.replicated(mesh))
+  compiler = compile_lib.StepCompiler.for_config(
+      config, mesh=mesh, model=model, tx=tx, state=state, **overrides)
+  batch_size = per_device_batch * mesh.size
+  try:
+    if compiler.accumulation == "host":
+      return compiler.compile_accumulation(batch_size)
+    return {"step": compiler.compile(batch_size)}
+  finally:
+    compiler.close()
+
+
+def unwritable(path: str, folder: bool = False) -> str | None:
+  """Why an output `path` (a file; with `folder`, a folder made if
+  missing) could not be written, or None: checked before the work, not
+  found after minutes of compiling."""
+  if not path:
+    return None
+  if folder:
+    if os.path.exists(path) and not os.path.isdir(path):
+      return f"cannot write into {path}: it is a file"
+    return None
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    return f"cannot write {path}: it is a folder"
+  if not os.path.isdir(parent):
+    return f"cannot write {path}: no folder {parent}"
+  if not os.access(parent, os.W_OK):
+    return f"cannot write {path}: {parent} is not writable"
+  return None

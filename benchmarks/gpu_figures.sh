@@ -9,10 +9,11 @@
 #      host, its metrics read before the next step (steps_in_flight=1) or
 #      one step later (2), alternately; and part 1's comparison with both
 #      steps waited for one step later (reference_in_flight).
-#   3. The largest per-device batch of that step that fits: 1,024 and
-#      2,048 run, then sizes up to 4,096 whose extrapolated memory estimate
-#      fits are tried (on the H100, 2,048 ran and 4,096 had not failed
-#      after more than a minute).
+#   3. The largest per-device batch of that step that fits: the sizes
+#      that max_device_batch.py --gpu, compiling for an H100 on a CPU at
+#      this memory fraction, says fit (1,024, 2,048, 2,816: 39.25, 67.58
+#      and 70.55 GiB by XLA's estimate) and the first it says does not
+#      (2,944: 80.44 GiB), each tried.
 #   4. Stage switches and second-launch compile time of the smoke config.
 #   5. An ImageNet batch put as float32 normalised on the host against uint8
 #      normalised on the device.
@@ -90,8 +91,9 @@ timeout 200 "$PY" benchmarks/reference_step.py --models=resnet50 \
 
 part max_device_batch &&
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 "$PY" \
-    benchmarks/max_device_batch.py --start=1024 --limit=4096 --refine=3 \
-    --time_limit=240 2>&1 | grep -v cuda_timer | tee "$OUT/max_device_batch.txt"
+    benchmarks/max_device_batch.py --sizes=1024,2048,2816,2944 \
+    --predict=false --time_limit=240 2>&1 | grep -v cuda_timer \
+    | tee "$OUT/max_device_batch.txt"
 
 part stage_switch &&
 timeout 100 "$PY" benchmarks/stage_switch.py --accumulation=host \

@@ -56,6 +56,9 @@ SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
 # XLA's CUDA plugin: jax-cuda12-pjrt (make gpu-program-env) or, in a CUDA 13
 # image, jax-cuda13-pjrt.
 PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+# XLA:GPU's memory limit for a step without one from JAX's allocator, as a
+# share of the device's memory (with_memory_for_arrays).
+XLA_SHARE_OF_DEVICE_MEMORY = 0.8
 # HLO instructions that launch nothing.
 _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant",
                 "bitcast", "after-all", "partition-id", "replica-id"}
@@ -129,7 +132,7 @@ def families(found: list[Kernel]) -> collections.Counter:
   return collections.Counter(k.family for k in found)
 
 
-def _plugin_found() -> bool:
+def plugin_found() -> bool:
   import importlib.util
   try:
     return any(importlib.util.find_spec(p) is not None for p in PLUGINS)
@@ -137,18 +140,55 @@ def _plugin_found() -> bool:
     return False
 
 
-def compile_only_mesh(gpu_spec: str):
+def read_target_config(gpu_spec: str) -> str | bytes:
+  """The GPU description in the file `gpu_spec`: a text
+  GpuTargetConfigProto, or the bytes XLA returned (gpu_figures.sh)."""
+  with open(gpu_spec, "rb") as f:
+    target_config = f.read()
+  try:
+    return target_config.decode()
+  except UnicodeDecodeError:
+    return target_config
+
+
+def device_memory_gib(target_config: str) -> float:
+  """The device memory of a text GPU description, in GiB."""
+  m = re.search(r"device_memory_size:\s*(\d+)", target_config)
+  if not m:
+    raise ValueError("the GPU description has no device_memory_size")
+  return int(m.group(1)) / 2**30
+
+
+def with_memory_for_arrays(target_config: str, gib: float) -> str:
+  """A text GPU description whose memory makes XLA plan a step for `gib`
+  GiB, as it does on that GPU when JAX's allocator holds `gib` GiB.
+
+  XLA:GPU schedules a step, and recomputes values rather than keep them
+  (rematerialisation), to keep its temporaries under 95% of what the
+  module's memory limit leaves beside its arguments and outputs.
+  On a GPU, JAX's client sets that limit to its allocator's
+  (XLA_PYTHON_CLIENT_MEM_FRACTION of the memory, 0.75 by default); for a
+  compile-only device there is none, and XLA takes 80% of the
+  description's device_memory_size instead.
+  """
+  if not isinstance(target_config, str):
+    raise ValueError("only a text GPU description's memory can be set")
+  device_memory_gib(target_config)  # Has one to replace.
+  size = int(gib * 2**30 / XLA_SHARE_OF_DEVICE_MEMORY)
+  return re.sub(r"device_memory_size:\s*\d+", f"device_memory_size: {size}",
+                target_config)
+
+
+def compile_only_mesh(gpu_spec: str, arrays_gib: float | None = None):
   """A one-device `data` mesh of a compile-only GPU described in the file
-  `gpu_spec` (a text GpuTargetConfigProto)."""
+  `gpu_spec` (a text GpuTargetConfigProto); with `arrays_gib`, XLA plans
+  each step for that much memory (`with_memory_for_arrays`)."""
   from jax.experimental import topologies
 
   from trainer import mesh as mesh_lib
-  with open(gpu_spec, "rb") as f:
-    target_config = f.read()
-  try:  # A text proto, or the bytes XLA returned (gpu_figures.sh).
-    target_config = target_config.decode()
-  except UnicodeDecodeError:
-    pass
+  target_config = read_target_config(gpu_spec)
+  if arrays_gib is not None:
+    target_config = with_memory_for_arrays(target_config, arrays_gib)
   topology = topologies.get_topology_desc(
       platform="cuda", target_config=target_config, topology="1x1x1")
   return topologies.make_mesh(topo=topology, mesh_shape=(1,),
@@ -280,7 +320,11 @@ def main():
     p.error(f"no GPU description at {a.gpu}")
   if a.profile and not os.path.isfile(a.profile):
     p.error(f"no profile at {a.profile}")
-  if not _plugin_found():
+  from benchmarks.common import unwritable
+  for reason in (unwritable(a.json), unwritable(a.hlo_dir, folder=True)):
+    if reason:
+      p.error(reason)
+  if not plugin_found():
     sys.exit("gpu_program.py needs XLA's CUDA plugin (jax-cuda12-pjrt), "
              "which this Python lacks: run `make gpu-program-env`, then "
              ".venv-gpu-program/bin/python benchmarks/gpu_program.py")

@@ -1,7 +1,8 @@
 """The largest per-device batch whose train step fits on one device.
 
     python benchmarks/max_device_batch.py [--config=configs/imagenet_resnet50.py] \
-        [--image_size=224] [--dtype=bfloat16] [--start=32] [--limit=4096]
+        [--image_size=224] [--dtype=bfloat16] [--start=32] [--limit=4096] \
+        [--gpu=benchmarks/gpu_specs/h100_sxm.txtpb]
 
 Doubles the batch of the trainer's step (host accumulation, one
 micro-batch, on a mesh of the first device alone) from `--start` until
@@ -18,15 +19,29 @@ minute, when the command's time ran out). So once two sizes have run, a
 size whose memory estimate, extrapolated along the line through the two
 largest that ran, exceeds the device's memory for arrays is not tried and
 counts as not fitting; the output says so (`--predict=false` tries every
-size).
+size). The line is a guess: XLA:GPU recomputes values rather than exceed
+the memory (rematerialisation), so its estimate stops growing with the
+batch near the limit.
 `max_device_batch` at or below it lets gradient accumulation run any
 stage's batch. `--time_limit` stops before a size that would start past it.
+
+`--gpu=FILE` runs nothing: it compiles each size for the GPU the file
+describes (a text GpuTargetConfigProto, see gpu_program.py) on this
+machine, as XLA would on that GPU with `--memory_gib` for arrays, and a
+size fits when XLA's estimate does. Per size it prints the estimate, the
+kernels and the MB that the kernels other than cuDNN's and cuBLAS's move
+per example (what rematerialising adds). It needs XLA's CUDA plugin:
+
+    make gpu-program-env
+    .venv-gpu-program/bin/python benchmarks/max_device_batch.py \
+        --gpu=benchmarks/gpu_specs/h100_sxm.txtpb --start=256
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -57,11 +72,78 @@ def main():
                       "exceeds the device's")
   p.add_argument("--memory_gib", type=float, default=0.0,
                  help="device memory to fit in, for the prediction (default: "
-                      "what JAX reports for arrays; none on a CPU)")
+                      "what JAX reports for arrays; none on a CPU); with "
+                      "--gpu, what JAX's allocator would hold (default: "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unset, of the "
+                      "description's memory)")
+  p.add_argument("--sizes", default="",
+                 help="comma-separated sizes to try, each, instead of the "
+                      "search (e.g. to check what --gpu predicted)")
+  p.add_argument("--gpu", default="",
+                 help="compile only, for the GPU this file describes (e.g. "
+                      "benchmarks/gpu_specs/h100_sxm.txtpb), without one: "
+                      "run with .venv-gpu-program/bin/python")
   a = p.parse_args()
   if a.memory_gib < 0:
     p.error(f"--memory_gib must not be negative, got {a.memory_gib}")
+  try:
+    sizes = [int(b) for b in a.sizes.split(",")] if a.sizes else []
+  except ValueError:
+    sizes = [0]
+  if any(b <= 0 or b % a.ghost_batch_size for b in sizes):
+    p.error(f"--sizes must be positive multiples of --ghost_batch_size="
+            f"{a.ghost_batch_size}, got {a.sizes}")
+  if a.gpu:
+    # Before jax is imported: keeps JAX from starting CUDA.
+    from benchmarks import gpu_program
+    if not os.path.isfile(a.gpu):
+      p.error(f"no GPU description at {a.gpu}")
+    description = gpu_program.read_target_config(a.gpu)
+    if not isinstance(description, str) or "device_memory_size" not in \
+        description:
+      p.error(f"{a.gpu} is not a text GPU description with a "
+              "device_memory_size")
+    if not gpu_program.plugin_found():
+      sys.exit("max_device_batch.py --gpu needs XLA's CUDA plugin "
+               "(jax-cuda12-pjrt), which this Python lacks: run `make "
+               "gpu-program-env`, then .venv-gpu-program/bin/python "
+               "benchmarks/max_device_batch.py --gpu=...")
 
+  from benchmarks import common
+  config = common.load_config(a.config, [
+      f"dataset.image_size={a.image_size}", f"model.dtype={a.dtype}",
+      f"ghost_batch_size={a.ghost_batch_size}"])
+  start = time.perf_counter()
+  if a.gpu:
+    fits, not_tried = _compile_only(a, config, description), set()
+  else:
+    fits, not_tried = _on_device(a, config, start)
+
+  def out_of_time():
+    return time.perf_counter() - start >= a.time_limit
+
+  if sizes:
+    outcome = {}
+    for b in sizes:
+      if out_of_time():
+        break
+      outcome[b] = fits(b)
+    largest = max((b for b, ok in outcome.items() if ok), default=None)
+    failed = min((b for b, ok in outcome.items() if not ok), default=None)
+  else:
+    largest, failed = largest_that_fits(
+        fits, start=a.start, limit=a.limit, refine=a.refine,
+        multiple=a.ghost_batch_size, out_of_time=out_of_time)
+  print(f"largest per-device batch that "
+        f"{'fits' if a.gpu else 'ran'}: {largest}"
+        + (f" (first that did not: {failed}"
+           + (", by the estimate" if failed in not_tried else "") + ")"
+           if failed else ""))
+
+
+def _on_device(a, config, start):
+  """(fits(b), the sizes it predicted not to fit): runs the step on the
+  first device."""
   import jax
   import numpy as np
   from jax.sharding import Mesh
@@ -73,9 +155,6 @@ def main():
   from trainer import mesh as mesh_lib
   from trainer import optimizer as optimizer_lib
 
-  config = common.load_config(a.config, [
-      f"dataset.image_size={a.image_size}", f"model.dtype={a.dtype}",
-      f"ghost_batch_size={a.ghost_batch_size}"])
   mesh = Mesh(np.array(jax.devices()[:1]), (mesh_lib.DATA_AXIS,))
   model = models.create_model(config)
   tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
@@ -87,7 +166,7 @@ def main():
            else (device.memory_stats() or {}).get("bytes_limit"))
   print(f"{config.model.name} {a.image_size} px {a.dtype} on "
         f"{device.device_kind}"
-        + (f", {limit / 2**30:.1f} GiB for arrays" if limit else ""))
+        + (f", {limit / 2**30:.4g} GiB for arrays" if limit else ""))
   print(f"{'B':>6} {'ms/step':>9} {'ex/s':>9} {'GiB (XLA)':>10} "
         f"{'compile s':>10}")
   measured = {}  # batch size that ran: XLA's estimate in GiB
@@ -115,6 +194,11 @@ def main():
       compiler.close()
       compile_seconds = time.perf_counter() - compile_start
       gib = step_gib(step.model_executable)
+      if limit and gib > limit / 2**30:
+        # XLA could not recompute its way under the limit: no need to run.
+        print(f"{b:>6} does not fit: XLA's estimate {gib:.4g} GiB > "
+              f"{limit / 2**30:.4g}", flush=True)
+        return False
       state, seconds = common.seconds_per_step(
           step, state, common.random_batch(rng, config.dataset, b), hyper,
           a.steps)
@@ -129,15 +213,49 @@ def main():
     measured[b] = gib
     return True
 
-  start = time.perf_counter()
-  largest, failed = largest_that_fits(
-      fits, start=a.start, limit=a.limit, refine=a.refine,
-      multiple=a.ghost_batch_size,
-      out_of_time=lambda: time.perf_counter() - start >= a.time_limit)
-  print(f"largest per-device batch that ran: {largest}"
-        + (f" (first that did not: {failed}"
-           + (", by the estimate" if failed in not_tried else "") + ")"
-           if failed else ""))
+  return fits, not_tried
+
+
+def _compile_only(a, config, description: str):
+  """fits(b): compiles the step of batch `b` for the compile-only GPU of
+  `description` (a text GpuTargetConfigProto) and asks whether XLA's
+  memory estimate is within what JAX's allocator would hold there."""
+  from benchmarks import common
+  from benchmarks import gpu_program
+
+  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+  gib = a.memory_gib or fraction * gpu_program.device_memory_gib(description)
+  mesh = gpu_program.compile_only_mesh(a.gpu, arrays_gib=gib)
+  name = re.search(r'device_description_str:\s*"([^"]*)"', description)
+  print(f"{config.model.name} {a.image_size} px {a.dtype}, compiled for "
+        f"{name.group(1) if name else a.gpu} (no device), {gib:.4g} GiB "
+        f"for arrays")
+  print(f"{'B':>6} {'GiB (XLA)':>10} {'compile s':>10} {'kernels':>8} "
+        f"{'MB moved/example':>17}")
+
+  def fits(b) -> bool:
+    print(f"(B={b}: compiling)", file=sys.stderr, flush=True)
+    compile_start = time.perf_counter()
+    try:
+      accumulate = common.compile_stage(
+          config, mesh, b, max_device_batch=b, micro_batch_unroll=0,
+          accumulation="host", weight_average=False)["accumulate"]
+    except Exception as e:  # pylint: disable=broad-except
+      if not out_of_memory(e):
+        raise
+      print(f"{b:>6} out of memory ({str(e).splitlines()[0][:100]})",
+            flush=True)
+      return False
+    estimate = step_gib(accumulate)
+    found = gpu_program.summary(gpu_program.kernels(accumulate.as_text()))
+    print(f"{b:>6} {estimate:>10.2f} {time.perf_counter() - compile_start:>10.1f}"
+          f" {found['kernels']:>8} {1000 * found['gb_moved'] / b:>17.1f}"
+          + ("" if estimate <= gib else
+             f"  does not fit: XLA could not recompute its way under "
+             f"{gib:.4g} GiB"), flush=True)
+    return estimate <= gib
+
+  return fits
 
 
 def largest_that_fits(fits, *, start: int, limit: int, refine: int,

@@ -507,6 +507,9 @@ def main():
   a = p.parse_args()
   if a.in_flight not in (1, 2):
     p.error(f"--in_flight must be 1 or 2, got {a.in_flight}")
+  from benchmarks.common import unwritable
+  if unwritable(a.ops_json):
+    p.error(unwritable(a.ops_json))
   if a.from_ops_json:
     print_profiles(load_ops_json(a.from_ops_json), a.top_ops)
     return

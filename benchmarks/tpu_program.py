@@ -72,38 +72,10 @@ def hbm_gib(topology: str) -> float | None:
   return HBM_GIB.get(topology.split(":")[0])
 
 
-def compile_stage(config, mesh, per_device_batch: int) -> dict:
-  """{function name: compiled} the trainer runs for a stage of
-  `per_device_batch` examples on every device of `mesh`."""
-  import jax
-
-  import models
-  from trainer import compile as compile_lib
-  from trainer import loop
-  from trainer import mesh as mesh_lib
-  from trainer import optimizer as optimizer_lib
-
-  model = models.create_model(config)
-  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                    momentum=0.9)
-  state = compile_lib.abstract(
-      jax.eval_shape(loop.initial_state_fn(config, model, tx, seed=0)),
-      mesh_lib.replicated(mesh))
-  compiler = compile_lib.StepCompiler.for_config(
-      config, mesh=mesh, model=model, tx=tx, state=state)
-  batch_size = per_device_batch * mesh.size
-  try:
-    if compiler.accumulation == "host":
-      return compiler.compile_accumulation(batch_size)
-    return {"step": compiler.compile(batch_size)}
-  finally:
-    compiler.close()
-
-
 def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
-  from benchmarks.common import load_config
+  from benchmarks.common import compile_stage, load_config, unwritable
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--topology", default="v5e:2x2",
                  help="TPU topology, generation:chips (v4:2x2x1, v5e:2x2, "
@@ -128,6 +100,8 @@ def main():
   hbm = a.hbm_gib or hbm_gib(a.topology)
   if not hbm:
     p.error(f"no memory known for {a.topology.split(':')[0]}; pass --hbm_gib")
+  if unwritable(a.json):
+    p.error(unwritable(a.json))
   config = load_config(a.config, a.set)
   per_device = a.per_device_batch or config.max_device_batch
   if per_device % config.ghost_batch_size:

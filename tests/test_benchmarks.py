@@ -1,6 +1,8 @@
 """The benchmarks' own helpers: trace parsing, the batch search, the GPU
 script."""
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -179,6 +181,61 @@ def test_sizes_predicted_not_to_fit(b, limit, want):
   assert max_device_batch.predicted_not_to_fit({2048: 67.57}, b, limit) is None
 
 
+def test_a_size_whose_compiled_estimate_exceeds_the_memory_is_not_run():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  r = subprocess.run(
+      [sys.executable, "benchmarks/max_device_batch.py",
+       "--config=configs/fashion_mnist.py", "--image_size=28",
+       "--dtype=float32", "--ghost_batch_size=8", "--sizes=32,8",
+       "--memory_gib=0.008", "--predict=false", "--steps=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0] == "small_resnet 28 px float32 on cpu, 0.008 GiB for arrays"
+  m = re.fullmatch(r"\s*32 does not fit: XLA's estimate (\S+) GiB > 0\.008",
+                   lines[2])
+  assert m and float(m.group(1)) > 0.008, lines[2]
+  assert lines[3].split()[0] == "8" and len(lines[3].split()) == 5, lines[3]
+  assert lines[4] == ("largest per-device batch that ran: 8 (first that "
+                      "did not: 32)")
+
+
+@pytest.mark.parametrize("sizes", ["48", "64,x", "0"])
+def test_sizes_that_are_not_ghost_batches_are_refused(sizes):
+  assert _refused("max_device_batch.py", f"--sizes={sizes}") == (
+      "max_device_batch.py: error: --sizes must be positive multiples of "
+      f"--ghost_batch_size=32, got {sizes}")
+
+
+def test_missing_gpu_description_is_refused():
+  assert _refused("max_device_batch.py", "--gpu=nowhere.txtpb") == (
+      "max_device_batch.py: error: no GPU description at nowhere.txtpb")
+
+
+def test_gpu_description_without_memory_is_refused(tmp_path):
+  spec = tmp_path / "gpu.txtpb"
+  spec.write_text("gpu_device_info { core_count: 132 }\n")
+  assert _refused("max_device_batch.py", f"--gpu={spec}") == (
+      f"max_device_batch.py: error: {spec} is not a text GPU description "
+      "with a device_memory_size")
+
+
+def test_compile_only_without_the_plugin_says_how_to_get_it():
+  from benchmarks import gpu_program
+  if gpu_program.plugin_found():
+    pytest.skip("this Python has the CUDA plugin")
+  r = subprocess.run(
+      [sys.executable, "benchmarks/max_device_batch.py",
+       "--gpu=benchmarks/gpu_specs/h100_sxm.txtpb"],
+      cwd=ROOT, capture_output=True, text=True, check=False)
+  assert r.returncode == 1
+  assert r.stderr.strip() == (
+      "max_device_batch.py --gpu needs XLA's CUDA plugin (jax-cuda12-pjrt), "
+      "which this Python lacks: run `make gpu-program-env`, then "
+      ".venv-gpu-program/bin/python benchmarks/max_device_batch.py "
+      "--gpu=...")
+
+
 def test_unknown_bn_relu_is_refused():
   with pytest.raises(SystemExit,
                      match="unknown --bn_relu 'inside'; choose from "
@@ -256,6 +313,23 @@ def test_steps_in_flight_refuses_an_empty_comparison(flag):
 def test_reference_step_refuses_an_in_flight_other_than_1_or_2():
   assert _refused("reference_step.py", "--in_flight=3") == (
       "reference_step.py: error: --in_flight must be 1 or 2, got 3")
+
+
+def test_reference_step_refuses_an_ops_json_it_cannot_write():
+  assert _refused("reference_step.py", "--ops_json=benchmarks") == (
+      "reference_step.py: error: cannot write benchmarks: it is a folder")
+
+
+@pytest.mark.parametrize("path, folder, want", [
+    ("", False, None),
+    ("out.json", False, None),  # In the working folder.
+    ("/nowhere/out.json", False, "cannot write /nowhere/out.json: no folder "
+     "/nowhere"),
+    ("/nowhere/hlo", True, None),  # Made when written.
+    (__file__, True, f"cannot write into {__file__}: it is a file"),
+])
+def test_output_paths_checked_before_the_work(path, folder, want):
+  assert common.unwritable(path, folder=folder) == want
 
 
 def test_reference_runner_waits_one_step_behind(monkeypatch):

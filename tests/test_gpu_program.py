@@ -2,6 +2,7 @@
 ghost batch norm, compiled on this CPU."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from benchmarks import gpu_program
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = os.path.join(ROOT, ".venv-gpu-program")  # make gpu-program-env
 ENV_PYTHON = os.path.join(ENV, "bin", "python")
+H100 = os.path.join(ROOT, "benchmarks", "gpu_specs", "h100_sxm.txtpb")
 
 
 def test_kernels_of_a_compiled_module_with_numbered_operands():
@@ -100,8 +102,28 @@ def test_against_a_profile_names_the_families_that_differ():
       "loop_select_fusion 1 vs 0"]
 
 
+def test_a_description_set_to_plan_for_the_memory_jax_would_hold():
+  text = gpu_program.read_target_config(H100)
+  assert gpu_program.device_memory_gib(text) == pytest.approx(79.11, abs=0.01)
+  out = gpu_program.with_memory_for_arrays(text, 71.3)
+  # Without a limit from JAX, XLA plans for 80% of the device's memory.
+  assert 0.8 * gpu_program.device_memory_gib(out) == pytest.approx(71.3)
+  memory = re.compile(r"device_memory_size: \d+")
+  assert memory.sub("", out) == memory.sub("", text)  # Nothing else changed.
+
+
+@pytest.mark.parametrize("description, message", [
+    (b"\x08\x84\xff", "only a text GPU description's memory can be set"),
+    ("gpu_device_info { core_count: 132 }",
+     "the GPU description has no device_memory_size"),
+])
+def test_a_description_whose_memory_cannot_be_set(description, message):
+  with pytest.raises(ValueError, match=message):
+    gpu_program.with_memory_for_arrays(description, 16.0)
+
+
 def test_without_the_plugin_it_says_how_to_get_it():
-  if gpu_program._plugin_found():
+  if gpu_program.plugin_found():
     pytest.skip("this Python has the CUDA plugin")
   result = subprocess.run(
       [sys.executable, "benchmarks/gpu_program.py", "--models=small"],
@@ -119,6 +141,10 @@ def test_without_the_plugin_it_says_how_to_get_it():
      "unknown --bn_relu 'inside'; choose from fused, separate"),
     ("--gpu=nowhere.txtpb", 2, "no GPU description at nowhere.txtpb"),
     ("--profile=nowhere.json", 2, "no profile at nowhere.json"),
+    ("--json=/nowhere/gpu.json", 2,
+     "cannot write /nowhere/gpu.json: no folder /nowhere"),
+    ("--hlo_dir=benchmarks/gpu_program.py", 2,
+     "cannot write into benchmarks/gpu_program.py: it is a file"),
 ])
 def test_bad_flag_is_refused_before_compiling(flag, code, message):
   result = subprocess.run(
@@ -147,3 +173,32 @@ def test_ghost_batch_norm_launches_no_more_h100_kernels_than_batch_norm():
   assert ghost["gb_moved"] <= 1.03 * plain["gb_moved"]
   assert fused["kernels"] < ghost["kernels"]
   assert fused["gb_moved"] < ghost["gb_moved"]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ENV, ".stamp")),
+                    reason="no .venv-gpu-program (make gpu-program-env)")
+def test_largest_batch_for_an_h100_of_little_memory_compiled_here():
+  """max_device_batch.py --gpu: the small model compiled for an H100 that
+  holds 0.3 GiB for arrays. 1,024 fits unaided (0.24 GiB); 2,048 would need
+  twice that, and XLA's recomputing gets it to about 0.36 GiB, not under
+  0.3; 1,536 fits only because XLA recomputes, so the memory set in the
+  description reaches XLA's plan."""
+  result = subprocess.run(
+      [ENV_PYTHON, "benchmarks/max_device_batch.py",
+       "--gpu=benchmarks/gpu_specs/h100_sxm.txtpb",
+       "--config=configs/fashion_mnist.py", "--image_size=28",
+       "--dtype=float32", "--ghost_batch_size=16", "--start=1024",
+       "--limit=2048", "--refine=1", "--memory_gib=0.3"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].endswith("0.3 GiB for arrays"), lines[0]
+  rows = {int(line.split()[0]): line for line in lines[2:-1]}
+  gib = {b: float(line.split()[1]) for b, line in rows.items()}
+  assert sorted(rows) == [1024, 1536, 2048]
+  assert lines[-1] == ("largest per-device batch that fits: 1536 (first "
+                       "that did not: 2048)")
+  assert gib[1024] <= 0.3 and gib[1536] <= 0.3 < gib[2048]
+  assert "does not fit" in rows[2048] and "does not fit" not in rows[1536]
+  # Held under the limit: well below 1.5 times 1,024's memory.
+  assert gib[1536] < 0.9 * 1.5 * gib[1024]

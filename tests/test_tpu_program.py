@@ -36,6 +36,8 @@ def test_memory_per_chip_is_known_by_generation():
     ("--topology=v9:2x2", "no memory known for v9; pass --hbm_gib"),
     ("--per_device_batch=12", "--per_device_batch 12 is not a multiple of "
      "ghost_batch_size=8"),
+    ("--json=/nowhere/tpu.json", "cannot write /nowhere/tpu.json: no folder "
+     "/nowhere"),
 ])
 def test_bad_flag_is_refused_before_compiling(flag, message):
   result = subprocess.run(
