@@ -141,6 +141,16 @@ def main():
            if failed else ""))
 
 
+def _ran_out_of_memory(b: int, error: Exception) -> bool:
+  """False, once printed, where `error` is batch `b` running out of device
+  memory; any other error is raised again."""
+  if not out_of_memory(error):
+    raise error
+  print(f"{b:>6} out of memory ({str(error).splitlines()[0][:100]})",
+        flush=True)
+  return False
+
+
 def _on_device(a, config, start):
   """(fits(b), the sizes it predicted not to fit): runs the step on the
   first device."""
@@ -203,11 +213,7 @@ def _on_device(a, config, start):
           step, state, common.random_batch(rng, config.dataset, b), hyper,
           a.steps)
     except Exception as e:  # pylint: disable=broad-except
-      if not out_of_memory(e):
-        raise
-      print(f"{b:>6} out of memory ({str(e).splitlines()[0][:100]})",
-            flush=True)
-      return False
+      return _ran_out_of_memory(b, e)
     print(f"{b:>6} {1000 * seconds:>9.1f} {b / seconds:>9.1f} {gib:>10.2f} "
           f"{compile_seconds:>10.1f}", flush=True)
     measured[b] = gib
@@ -241,11 +247,7 @@ def _compile_only(a, config, description: str):
           config, mesh, b, max_device_batch=b, micro_batch_unroll=0,
           accumulation="host", weight_average=False)["accumulate"]
     except Exception as e:  # pylint: disable=broad-except
-      if not out_of_memory(e):
-        raise
-      print(f"{b:>6} out of memory ({str(e).splitlines()[0][:100]})",
-            flush=True)
-      return False
+      return _ran_out_of_memory(b, e)
     estimate = step_gib(accumulate)
     found = gpu_program.summary(gpu_program.kernels(accumulate.as_text()))
     print(f"{b:>6} {estimate:>10.2f} {time.perf_counter() - compile_start:>10.1f}"

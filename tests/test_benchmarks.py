@@ -207,6 +207,17 @@ def test_sizes_that_are_not_ghost_batches_are_refused(sizes):
       f"--ghost_batch_size=32, got {sizes}")
 
 
+def test_running_out_of_memory_is_a_size_that_does_not_fit(capsys):
+  error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                       "allocate 75.2GiB.\nmore")
+  assert max_device_batch._ran_out_of_memory(4096, error) is False
+  assert capsys.readouterr().out == (
+      "  4096 out of memory (RESOURCE_EXHAUSTED: Out of memory while trying "
+      "to allocate 75.2GiB.)\n")
+  with pytest.raises(ValueError, match="shapes differ"):
+    max_device_batch._ran_out_of_memory(4096, ValueError("shapes differ"))
+
+
 def test_missing_gpu_description_is_refused():
   assert _refused("max_device_batch.py", "--gpu=nowhere.txtpb") == (
       "max_device_batch.py: error: no GPU description at nowhere.txtpb")
