@@ -22,7 +22,9 @@
 #      and whether one process's threads reach the step's rate (GIL).
 #   7. The GPU's own description as XLA reads it (target_config.txtpb), and
 #      benchmarks/gpu_program.py's kernel counts compiled for it, against
-#      part 1's profile (and to set beside gpu_specs/h100_sxm.txtpb).
+#      part 1's profile (and to set beside gpu_specs/h100_sxm.txtpb); part
+#      3's sizes compiled for it (max_device_batch.py --gpu), to set beside
+#      part 3's estimates on the device.
 # Each part has its own time limit and writes its output to $OUT (default
 # ./gpu_figures), so a slow or failing part leaves the others' figures.
 #
@@ -117,10 +119,19 @@ sys.stdout.buffer.write(config if isinstance(config, bytes) else config.encode()
   profile=()  # Part 1's profile, when it ran: the same trainers.
   [[ -f $OUT/reference_step_ops.json ]] &&
     profile=(--profile="$OUT/reference_step_ops.json")
-  timeout 300 "$PY" benchmarks/gpu_program.py --gpu="$OUT/target_config.txtpb" \
+  # Compile-only, as on the CPU (no GPU runtime in these processes).
+  JAX_PLATFORMS=cpu timeout 300 "$PY" benchmarks/gpu_program.py \
+      --gpu="$OUT/target_config.txtpb" \
       --bn_gradient=explicit,autodiff --bn_relu=fused,separate "${profile[@]}" \
       --json="$OUT/gpu_program.json" 2>&1 \
       | grep -v "^[WI][0-9]" | tee "$OUT/gpu_program.txt"
+  # Part 3's sizes compiled for this GPU's own description: XLA's estimates
+  # without the device against part 3's on it (cuDNN's autotuned
+  # workspaces are the suspected difference below the memory limit).
+  JAX_PLATFORMS=cpu XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 200 "$PY" \
+      benchmarks/max_device_batch.py --gpu="$OUT/target_config.txtpb" \
+      --sizes=1024,2048,2816,2944 2>&1 | grep -v "^[WI][0-9]" \
+      | tee "$OUT/max_device_batch_compiled.txt"
 }
 
 exit 0  # A skipped or failed part leaves the others' figures.
