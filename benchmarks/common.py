@@ -91,7 +91,8 @@ def compile_stage(config, mesh, per_device_batch: int, **overrides) -> dict:
   """{function name: compiled} the trainer runs for a stage of
   `per_device_batch` examples on every device of `mesh` (compiled only,
   so `mesh` may be of devices this machine has not got); `overrides`
-  replace the config's compiler settings (`StepCompiler.for_config`)."""
+  replace the config's compiler settings (`StepCompiler.for_config`). No
+  memory check: the caller judges XLA's estimates itself."""
   import jax
 
   import models
@@ -106,6 +107,7 @@ def compile_stage(config, mesh, per_device_batch: int, **overrides) -> dict:
   state = compile_lib.abstract(
       jax.eval_shape(loop.initial_state_fn(config, model, tx, seed=0)),
       mesh_lib.replicated(mesh))
+  overrides.setdefault("memory_limit_bytes", None)
   compiler = compile_lib.StepCompiler.for_config(
       config, mesh=mesh, model=model, tx=tx, state=state, **overrides)
   batch_size = per_device_batch * mesh.size

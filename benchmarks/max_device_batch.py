@@ -199,7 +199,7 @@ def _on_device(a, config, start):
       compiler = compile_lib.StepCompiler.for_config(
           config, mesh=mesh, model=model, tx=tx, state=state,
           max_device_batch=b, micro_batch_unroll=0, accumulation="host",
-          weight_average=False)
+          weight_average=False, memory_limit_bytes=None)  # Checked below.
       step = compiler.get(b)
       compiler.close()
       compile_seconds = time.perf_counter() - compile_start
@@ -309,11 +309,9 @@ def predicted_not_to_fit(measured: dict, b: int,
 
 def step_gib(compiled) -> float:
   """XLA's estimate of the device memory a compiled step needs, in GiB."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return float("nan")
-  return (m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**30
+  from trainer import compile as compile_lib
+  need = compile_lib.memory_bytes(compiled)
+  return float("nan") if need is None else need / 2**30
 
 
 if __name__ == "__main__":

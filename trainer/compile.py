@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import sys
 import threading
 import time
 from typing import Callable
@@ -37,6 +38,32 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def memory_bytes(compiled) -> int | None:
+  """XLA's estimate of the device memory an executable needs (arguments,
+  outputs not donated, temporaries), or None where XLA gives none."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (a loaded executable)
+    return None
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes
+          + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def device_memory_limit(mesh) -> int | None:
+  """Bytes this process's first device of `mesh` holds for arrays (JAX's
+  allocator limit on a GPU or TPU), or None where it reports none (CPU,
+  compile-only devices)."""
+  for device in mesh.devices.flat:
+    if device.process_index == jax.process_index():
+      try:
+        return (device.memory_stats() or {}).get("bytes_limit")
+      except Exception:  # pylint: disable=broad-except
+        return None
+  return None
 
 
 def abstract(tree, sharding=None):
@@ -126,9 +153,14 @@ class StepCompiler:
                micro_batch_unroll: int = 0, accumulation: str = "compiled",
                weight_average: bool = False,
                program_cache: program_cache_lib.ProgramCache | None = None,
+               memory_limit_bytes: int | None = None,
                on_compiled: Callable[[int, int, float, bool], None]):
     """`on_compiled(batch_size, micro_batches, seconds, loaded)` follows each
     compile; `loaded` is true where `program_cache` supplied the functions.
+    A function whose memory by XLA's estimate exceeds `memory_limit_bytes`
+    (per device) is a ConfigError naming `max_device_batch`, raised where
+    the step is asked for, and printed at once if it compiled in the
+    background.
     The cache's context must identify `model` and `tx` (the trainer passes
     the whole config). Batches hold `image` of `image_shape` and
     `image_dtype` (the input pipeline's uint8 for `for_config`)."""
@@ -145,6 +177,7 @@ class StepCompiler:
     self._weight_average = weight_average
     self._on_compiled = on_compiled
     self._program_cache = program_cache
+    self._memory_limit = memory_limit_bytes
     self._futures: dict[int, concurrent.futures.Future] = {}
     self._steps = {}  # Batch size -> its step callable, once compiled.
     self._lock = threading.Lock()
@@ -165,6 +198,7 @@ class StepCompiler:
         micro_batch_unroll=config.micro_batch_unroll,
         accumulation=config.accumulation,
         weight_average=config.weight_average == "ema",
+        memory_limit_bytes=device_memory_limit(mesh),
         on_compiled=lambda *args: None)
     settings.update(overrides)
     return cls(mesh=mesh, model=model, tx=tx, abstract_state=abstract(state),
@@ -307,6 +341,7 @@ class StepCompiler:
       functions = dict(step=self.compile(batch_size))
     else:
       functions = self.compile_accumulation(batch_size)
+    self._check_memory(batch_size, functions)
     compiled_here = program_cache_lib.persistent_cache_hits() == hits
     if cache is not None and not from_cache and compiled_here:
       for name in names:
@@ -316,12 +351,41 @@ class StepCompiler:
     self._on_compiled(batch_size, k, time.perf_counter() - start, from_cache)
     return functions
 
+  def _check_memory(self, batch_size, functions) -> None:
+    """ConfigError if a function needs more than the device holds (a step
+    that would run out of memory at its stage's first step)."""
+    if not self._memory_limit:
+      return
+    for name, fn in functions.items():
+      need = memory_bytes(fn)
+      if need is not None and need > self._memory_limit:
+        raise ConfigError(
+            f"B={batch_size}: its {name} function needs {need / 2**30:.2f} "
+            f"GiB per device by XLA's estimate, more than the "
+            f"{self._memory_limit / 2**30:.2f} GiB the device holds for "
+            f"arrays; lower max_device_batch (now {self._max_device_batch}) "
+            "to run it as more, smaller micro-batches")
+
+  @staticmethod
+  def _warn_if_failed(batch_size, future) -> None:
+    """Says at once that a background compile failed (the run stops only
+    when it reaches that batch size, hours later on ImageNet)."""
+    if future.cancelled() or future.exception() is None:
+      return
+    error = future.exception()
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    print(f"warning: the step for B={batch_size} did not compile: {first}; "
+          "the run will stop if it reaches that batch size (its last stage "
+          "ends in a checkpoint)", file=sys.stderr, flush=True)
+
   def _submit(self, batch_size, background: bool):
     key = self._key(batch_size)
     with self._lock:
       if key not in self._futures:
         if background:
           self._futures[key] = self._pool.submit(self._build, key, batch_size)
+          self._futures[key].add_done_callback(
+              functools.partial(self._warn_if_failed, batch_size))
         else:
           done = concurrent.futures.Future()
           done.set_result(self._build(key, batch_size))
