@@ -87,26 +87,39 @@ def seconds_per_step(step, state, batch, hyper, steps: int,
   return state, (time.perf_counter() - start) / steps
 
 
+def optimizer(config):
+  """The config's optimizer as the step benchmarks build it (ε 0.1, m 0.9:
+  the trainer's step takes both as inputs)."""
+  from trainer import optimizer as optimizer_lib
+  return optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                      momentum=0.9)
+
+
+def abstract_state(config, model, tx, mesh):
+  """The initial train state as ShapeDtypeStructs replicated on `mesh`: no
+  arrays made, so any mesh serves, compile-only devices included."""
+  import jax
+
+  from trainer import compile as compile_lib
+  from trainer import loop
+  from trainer import mesh as mesh_lib
+  return compile_lib.abstract(
+      jax.eval_shape(loop.initial_state_fn(config, model, tx, seed=0)),
+      mesh_lib.replicated(mesh))
+
+
 def compile_stage(config, mesh, per_device_batch: int, **overrides) -> dict:
   """{function name: compiled} the trainer runs for a stage of
   `per_device_batch` examples on every device of `mesh` (compiled only,
   so `mesh` may be of devices this machine has not got); `overrides`
   replace the config's compiler settings (`StepCompiler.for_config`). No
   memory check: the caller judges XLA's estimates itself."""
-  import jax
-
   import models
   from trainer import compile as compile_lib
-  from trainer import loop
-  from trainer import mesh as mesh_lib
-  from trainer import optimizer as optimizer_lib
 
   model = models.create_model(config)
-  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                    momentum=0.9)
-  state = compile_lib.abstract(
-      jax.eval_shape(loop.initial_state_fn(config, model, tx, seed=0)),
-      mesh_lib.replicated(mesh))
+  tx = optimizer(config)
+  state = abstract_state(config, model, tx, mesh)
   overrides.setdefault("memory_limit_bytes", None)
   compiler = compile_lib.StepCompiler.for_config(
       config, mesh=mesh, model=model, tx=tx, state=state, **overrides)

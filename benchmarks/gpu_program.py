@@ -30,7 +30,7 @@ H100 session's profile (docs/results/benchmarks/h100/), the reference's
 step compiled here had the same 1,166 operations, family by family
 (README, Performance).
 
-The plugin is installed beside jax it would make every `import jax` try, and
+Installed beside jax, the plugin would make every `import jax` try, and
 fail, to start CUDA on a machine without a GPU; `make gpu-program-env` puts it
 in its own environment, `.venv-gpu-program` (174 MB), whose Python runs this:
 
@@ -202,9 +202,9 @@ def compile_steps(name: str, args, mesh) -> dict:
   import jax.numpy as jnp
 
   import models
+  from benchmarks import common
   from benchmarks import reference_step as ref_lib
   from trainer import compile as compile_lib
-  from trainer import loop
   from trainer import mesh as mesh_lib
 
   config = ref_lib.load(name, args)
@@ -216,9 +216,8 @@ def compile_steps(name: str, args, mesh) -> dict:
       ["one_pass"], args.bn_gradient.split(","), args.bn_relu.split(",")):
     ref_lib.set_variant(config, variance, gradient, relu)
     model = models.create_model(config)
-    tx = ref_lib.our_optimizer(config)
-    state = compile_lib.abstract(jax.eval_shape(
-        loop.initial_state_fn(config, model, tx, seed=0)), replicated)
+    tx = common.optimizer(config)
+    state = common.abstract_state(config, model, tx, mesh)
     # The function reference_step.py times.
     compiled[who] = ref_lib.compile_our_step(config, mesh, model, tx, state, b)
     print(f"compiled {name} {who}", file=sys.stderr, flush=True)

@@ -103,6 +103,14 @@ def main():
         description:
       p.error(f"{a.gpu} is not a text GPU description with a "
               "device_memory_size")
+    fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+    try:
+      fraction_ok = 0 < float(fraction) <= 1
+    except ValueError:
+      fraction_ok = False
+    if not fraction_ok:
+      p.error("XLA_PYTHON_CLIENT_MEM_FRACTION must be a number in (0, 1], "
+              f"got {fraction!r}")
     if not gpu_program.plugin_found():
       sys.exit("max_device_batch.py --gpu needs XLA's CUDA plugin "
                "(jax-cuda12-pjrt), which this Python lacks: run `make "
@@ -163,12 +171,10 @@ def _on_device(a, config, start):
   from trainer import compile as compile_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
-  from trainer import optimizer as optimizer_lib
 
   mesh = Mesh(np.array(jax.devices()[:1]), (mesh_lib.DATA_AXIS,))
   model = models.create_model(config)
-  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                    momentum=0.9)
+  tx = common.optimizer(config)
   hyper = common.step_hyper(mesh, learning_rate=0.1)
   rng = np.random.default_rng(0)
   device = jax.devices()[0]

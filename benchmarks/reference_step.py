@@ -158,7 +158,7 @@ def build(name, args, compile_steps: bool = True) -> dict:
 
   def ours_step(model):
     """Our step for `model`: (tx, compiled step or None, state)."""
-    tx = our_optimizer(config)
+    tx = common.optimizer(config)
     state = loop.create_train_state(config, model, tx, mesh, seed=0)
     step = (compile_our_step(config, mesh, model, tx, state, b)
             if compile_steps else None)
@@ -199,13 +199,6 @@ def set_variant(config, variance: str, gradient: str, relu: str) -> None:
   config.model.bn_fast_variance = variance == "one_pass"
   config.model.bn_explicit_gradient = gradient == "explicit"
   config.model.bn_fuse_relu = relu == "fused"
-
-
-def our_optimizer(config):
-  """Our optimizer as the benchmark runs it (lr 0.1, momentum 0.9)."""
-  from trainer import optimizer as optimizer_lib
-  return optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                      momentum=0.9)
 
 
 def compile_our_step(config, mesh, model, tx, state, batch_size: int):

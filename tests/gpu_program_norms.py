@@ -18,6 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import gpu_program  # noqa: E402
 from models.ghost_batch_norm import GhostBatchNorm  # noqa: E402
+from trainer import compile as compile_lib  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 
 # ResNet-50's 28 x 28 x 128 stage, B=256 in ghost batches of 32.
@@ -48,9 +49,7 @@ def compiled_kernels(norm: str, mesh) -> dict:
   variables = jax.eval_shape(lambda: net.init(
       jax.random.PRNGKey(0),
       jnp.zeros((GHOST, SIZE, SIZE, CHANNELS), jnp.bfloat16)))
-  variables = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      variables)
+  variables = compile_lib.abstract(variables, replicated)
   x = jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, CHANNELS), jnp.bfloat16,
                            sharding=data)
 

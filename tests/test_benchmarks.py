@@ -231,6 +231,19 @@ def test_gpu_description_without_memory_is_refused(tmp_path):
       "with a device_memory_size")
 
 
+@pytest.mark.parametrize("fraction", ["most", "1.5"])
+def test_a_memory_fraction_jax_would_not_take_is_refused(fraction):
+  r = subprocess.run(
+      [sys.executable, "benchmarks/max_device_batch.py",
+       "--gpu=benchmarks/gpu_specs/h100_sxm.txtpb"],
+      cwd=ROOT, env=dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=fraction),
+      capture_output=True, text=True, check=False)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.splitlines()[-1] == (
+      "max_device_batch.py: error: XLA_PYTHON_CLIENT_MEM_FRACTION must be a "
+      f"number in (0, 1], got {fraction!r}")
+
+
 def test_compile_only_without_the_plugin_says_how_to_get_it():
   from benchmarks import gpu_program
   if gpu_program.plugin_found():
