@@ -20,7 +20,9 @@ compiled that way, and for each this prints, from the optimised HLO:
             bandwidth);
   GB moved  what the kernels other than library calls read and write, each
             operand and output counted once (no cache): the traffic of the
-            passes over the activations that bound ResNet-50 on a GPU.
+            passes over the activations that bound ResNet-50 on a GPU;
+  masks GB  of that, boolean arrays (`pred`, a byte per value): the masks
+            of ReLUs that XLA chose to write out rather than recompute.
 
 then the families of kernels (names less XLA's numbers, as in
 `reference_step.py --profile_steps`) whose counts differ most between the
@@ -72,6 +74,7 @@ class Kernel:
   name: str     # The HLO instruction, e.g. "loop_convert_fusion.12".
   opcode: str   # "fusion", "custom-call", "copy", ...
   bytes: int    # Its operands' and outputs' sizes.
+  mask_bytes: int = 0  # Of those, boolean (`pred`) arrays'.
 
   @property
   def family(self) -> str:
@@ -84,13 +87,15 @@ def family(name: str) -> str:
   return re.sub(r"\.\d+$", "", name)
 
 
-def shape_bytes(shape: str) -> int:
+def shape_bytes(shape: str, only: str | None = None) -> int:
   """Bytes of an HLO shape: "bf16[256,56,56,64]{3,2,1,0}", or a tuple of
-  them in parentheses."""
+  them in parentheses; with `only` (e.g. "pred"), of its arrays of that
+  type."""
   return sum(_BYTES.get(dtype, 4) * math.prod(
       int(d) for d in dims.split(",") if d)
              for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]",
-                                           shape))
+                                           shape)
+             if only in (None, dtype))
 
 
 def kernels(hlo_text: str) -> list[Kernel]:
@@ -114,18 +119,22 @@ def kernels(hlo_text: str) -> list[Kernel]:
       continue
     # The operands end at the call's closing parenthesis.
     operands = re.findall(r"%([\w.\-]+)", rest[:rest.find(")")])
-    found.append(Kernel(name, opcode, shape_bytes(shape) + sum(
-        shape_bytes(shapes.get(o, "")) for o in operands)))
+    arrays = [shape] + [shapes.get(o, "") for o in operands]
+    found.append(Kernel(name, opcode, sum(map(shape_bytes, arrays)),
+                        sum(shape_bytes(a, "pred") for a in arrays)))
   return found
 
 
 def summary(found: list[Kernel]) -> dict:
-  """Kernels, tiny kernels, library calls and GB moved by the others."""
+  """Kernels, tiny kernels, library calls, GB moved by the others and, of
+  those, by masks."""
+  others = [k for k in found if k.opcode != "custom-call"]
   return dict(
       kernels=len(found),
       tiny=sum(k.bytes < TINY_BYTES for k in found),
-      library=sum(k.opcode == "custom-call" for k in found),
-      gb_moved=sum(k.bytes for k in found if k.opcode != "custom-call") / 1e9)
+      library=len(found) - len(others),
+      gb_moved=sum(k.bytes for k in others) / 1e9,
+      mask_gb=sum(k.mask_bytes for k in others) / 1e9)
 
 
 def families(found: list[Kernel]) -> collections.Counter:
@@ -240,11 +249,12 @@ def report(name: str, found: dict[str, list[Kernel]], top: int) -> list[str]:
   """The summary table and the `top` families that differ most."""
   lines = [f"{name}: the step's kernels on the GPU, per trainer",
            f"{'trainer':>24} {'kernels':>8} {'tiny':>6} {'library':>8} "
-           f"{'GB moved':>9}"]
+           f"{'GB moved':>9} {'masks GB':>9}"]
   for who, ks in found.items():
     s = summary(ks)
     lines.append(f"{who:>24} {s['kernels']:>8} {s['tiny']:>6} "
-                 f"{s['library']:>8} {s['gb_moved']:>9.2f}")
+                 f"{s['library']:>8} {s['gb_moved']:>9.2f} "
+                 f"{s['mask_gb']:>9.2f}")
   counts = {who: families(ks) for who, ks in found.items()}
   names = set().union(*counts.values())
   spread = lambda f: max(c[f] for c in counts.values()) - min(

@@ -15,7 +15,8 @@ Training differentiates through a hand-written batch norm gradient
 pass over the activations, where autodiff's gradient took XLA:GPU more. A
 ReLU that follows the norm (`relu`), and a skip add before it (`residual`),
 can be taken inside that gradient (`fuse_relu`): the ReLU's mask is then
-recomputed from x and the skip in the same two passes.
+recomputed from x in the same two passes (after a skip add, XLA:GPU keeps
+it from the forward pass instead, a byte per value).
 
 The module does not keep the moving average itself. In training it writes the
 statistics of the current batch into the `batch_stats` collection; the train
@@ -153,7 +154,7 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
 
   With `relu`, dy is first masked where the ReLU's input (x̂ * scale +
   bias, plus the residual if there is one) is not positive; the mask is
-  recomputed from x (and the residual) inside both passes, so the ReLU's
+  recomputed from x (and the residual, `_relu_passed`), so the ReLU's
   gradient costs no pass of its own over the activations. The residual's
   gradient is the masked dy."""
   del epsilon, fast_variance  # Same function of x in every case.
@@ -170,11 +171,9 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
     dy32 = jnp.asarray(dy, jnp.float32)
     x_hat = centred * _per_example(rstd, g, ndim)
     if relu:
-      y32 = (x_hat * jnp.asarray(scale, jnp.float32)
-             + jnp.asarray(bias, jnp.float32))
-      relu_input = (y32 if residual is None
-                    else _output(y32, residual, False, dtype))
-      dy32 = jnp.where(relu_input > 0, dy32, 0.0)
+      dy32 = jnp.where(
+          _relu_passed(x32, x_hat, scale, bias, residual, mean, rstd, g,
+                       dtype), dy32, 0.0)
     # dx = scale * rstd / n * (n * dy - sum(dy) - x̂ * sum(dy * x̂)): the
     # group sums enter dx as the reduction leaves them, where dividing them
     # by n first made XLA:GPU write the quotients out in two kernels of
@@ -200,6 +199,27 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
                  else jnp.asarray(dy32, residual.dtype))
   return (jnp.asarray(dx, x.dtype), jnp.asarray(dscale, scale.dtype),
           jnp.asarray(dbias, scale.dtype), dresidual)
+
+
+def _relu_passed(x32, x_hat, scale, bias, residual, mean, rstd, g, dtype):
+  """Where the ReLU after the norm (and the residual add) was positive in
+  the forward pass, recomputed from x (and the residual): `_backward`'s
+  mask. Values within rounding of zero may fall either side.
+
+  Without a residual, x̂ * scale + bias > 0 is written x * a > -b with
+  per-group a = rstd * scale and b = bias - mean * a, a comparison of x
+  alone, which XLA:GPU recomputes inside both backward passes; written
+  from x̂, it joined the forward pass's kernel and was written out as a
+  mask of a byte per value that both backward passes read (2.2 GB more per
+  ResNet-50 step at B=256, `benchmarks/gpu_program.py`). With a residual
+  XLA writes the mask in the forward pass, which moves fewer bytes than
+  reading the residual again in both passes."""
+  scale32, bias32 = (jnp.asarray(v, jnp.float32) for v in (scale, bias))
+  if residual is None:
+    a = rstd * scale32
+    return (x32 * _per_example(a, g, x32.ndim)
+            > -_per_example(bias32 - mean * a, g, x32.ndim))
+  return _output(x_hat * scale32 + bias32, residual, False, dtype) > 0
 
 
 _ghost_normalize_explicit.defvjp(_forward, _backward, symbolic_zeros=True)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from models.ghost_norm_model import GhostNormModel
+from models.max_pool import max_pool
 
 ModuleDef = Any
 
@@ -89,18 +90,18 @@ class InceptionResNetV2(GhostNormModel):
     conv, norm = self.conv(), self.norm(train)
     cn = functools.partial(ConvNorm, conv=conv, norm=norm)
     block = functools.partial(InceptionResNetBlock, conv=conv, norm=norm)
-    max_pool = functools.partial(nn.max_pool, window_shape=(3, 3),
-                                 strides=(2, 2), padding="VALID")
+    pool = functools.partial(max_pool, window=(3, 3), strides=(2, 2),
+                             padding=((0, 0), (0, 0)))
 
     x = self.inputs(images)
     # Stem: 299 -> 35x35x192.
     x = cn(32, (3, 3), strides=2, padding="VALID")(x)
     x = cn(32, (3, 3), padding="VALID")(x)
     x = cn(64, (3, 3))(x)
-    x = max_pool(x)
+    x = pool(x)
     x = cn(80, (1, 1), padding="VALID")(x)
     x = cn(192, (3, 3), padding="VALID")(x)
-    x = max_pool(x)
+    x = pool(x)
 
     # Mixed 5b (Inception-A): 35x35x320.
     pooled = nn.avg_pool(x, (3, 3), padding="SAME", count_include_pad=False)
@@ -118,7 +119,7 @@ class InceptionResNetV2(GhostNormModel):
         cn(384, (3, 3), strides=2, padding="VALID")(x),
         cn(384, (3, 3), strides=2, padding="VALID")(
             cn(256, (3, 3))(cn(256, (1, 1))(x))),
-        max_pool(x),
+        pool(x),
     ], axis=-1)
     for _ in range(20):
       x = block(BLOCK17, 0.1)(x)
@@ -129,7 +130,7 @@ class InceptionResNetV2(GhostNormModel):
         cn(288, (3, 3), strides=2, padding="VALID")(cn(256, (1, 1))(x)),
         cn(320, (3, 3), strides=2, padding="VALID")(
             cn(288, (3, 3))(cn(256, (1, 1))(x))),
-        max_pool(x),
+        pool(x),
     ], axis=-1)
     for _ in range(9):
       x = block(BLOCK8, 0.2)(x)

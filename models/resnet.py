@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 
 from models.ghost_norm_model import GhostNormModel
+from models.max_pool import max_pool
 
 ModuleDef = Any
 
@@ -108,7 +109,7 @@ class ResNet(GhostNormModel):
       x = conv(self.width, (7, 7), (2, 2), padding=_same_padding(7),
                name="stem_conv")(x)
       x = norm(name="stem_norm", relu=True)(x)
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_same_padding(3))
+      x = max_pool(x, (3, 3), (2, 2), _same_padding(3))
     else:
       x = conv(self.width, (3, 3), padding=_same_padding(3),
                name="stem_conv")(x)

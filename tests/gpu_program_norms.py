@@ -1,9 +1,11 @@
 """Kernels of a conv/norm/ReLU stack's train step as XLA compiles it for an
-H100 (no GPU needed), with ghost batch norm and with Flax's BatchNorm.
+H100 (no GPU needed), with ghost batch norm and with Flax's BatchNorm; and
+of a max pool's gradient, models/max_pool.py's and nn.max_pool's.
 
 Run by tests/test_gpu_program.py with the Python of `make gpu-program-env`;
-prints one JSON line {"ghost": {...}, "plain": {...}, "ghost_fused": {...}}
-of `benchmarks.gpu_program.summary` figures.
+prints one JSON line {"ghost": {...}, "plain": {...}, "ghost_fused": {...},
+"ghost_fused_no_skip": {...}, "pool": {...}, "pool_flax": {...}} of
+`benchmarks.gpu_program.summary` figures.
 """
 import json
 import os
@@ -18,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import gpu_program  # noqa: E402
 from models.ghost_batch_norm import GhostBatchNorm  # noqa: E402
+from models.max_pool import max_pool  # noqa: E402
 from trainer import compile as compile_lib  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 
@@ -27,12 +30,13 @@ BATCH, SIZE, CHANNELS, GHOST, LAYERS = 256, 28, 128, 32, 4
 
 class Stack(nn.Module):
   norm: str  # "ghost", "ghost_fused" or "plain"
+  skips: bool = True  # Each layer after the first adds its input.
 
   @nn.compact
   def __call__(self, x):
     for i in range(LAYERS):
       y = nn.Conv(CHANNELS, (3, 3), use_bias=False, dtype=jnp.bfloat16)(x)
-      skip = x if i else None
+      skip = x if i and self.skips else None
       if self.norm == "plain":
         y = nn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)(y)
         x = nn.relu(y if skip is None else skip + y)
@@ -42,8 +46,8 @@ class Stack(nn.Module):
     return jnp.mean(x.astype(jnp.float32))
 
 
-def compiled_kernels(norm: str, mesh) -> dict:
-  net = Stack(norm)
+def compiled_kernels(norm: str, mesh, skips: bool = True) -> dict:
+  net = Stack(norm, skips)
   replicated, data = (mesh_lib.replicated(mesh),
                       mesh_lib.batch_sharding(mesh))
   variables = jax.eval_shape(lambda: net.init(
@@ -69,8 +73,28 @@ def compiled_kernels(norm: str, mesh) -> dict:
   return gpu_program.summary(gpu_program.kernels(compiled.as_text()))
 
 
+def compiled_pool_gradient(pool, mesh) -> dict:
+  """The gradient of ResNet-50's stem pool (3x3, stride 2) at its 112 px
+  stage, B=64."""
+  x = jax.ShapeDtypeStruct((64, 112, 112, 64), jnp.bfloat16,
+                           sharding=mesh_lib.batch_sharding(mesh))
+  dy = jax.ShapeDtypeStruct((64, 56, 56, 64), jnp.bfloat16,
+                            sharding=mesh_lib.batch_sharding(mesh))
+
+  def gradient(x, dy):
+    _, vjp = jax.vjp(lambda x: pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))), x)
+    return vjp(dy)[0]
+
+  compiled = jax.jit(gradient).lower(x, dy).compile()
+  return gpu_program.summary(gpu_program.kernels(compiled.as_text()))
+
+
 if __name__ == "__main__":
   mesh = gpu_program.compile_only_mesh(
       os.path.join(gpu_program.SPECS, "h100_sxm.txtpb"))
-  print(json.dumps({norm: compiled_kernels(norm, mesh)
-                    for norm in ("ghost", "ghost_fused", "plain")}))
+  runs = {norm: compiled_kernels(norm, mesh)
+          for norm in ("ghost", "ghost_fused", "plain")}
+  runs["ghost_fused_no_skip"] = compiled_kernels("ghost_fused", mesh, False)
+  runs["pool"] = compiled_pool_gradient(max_pool, mesh)
+  runs["pool_flax"] = compiled_pool_gradient(nn.max_pool, mesh)
+  print(json.dumps(runs))

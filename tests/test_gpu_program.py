@@ -28,7 +28,8 @@ def test_kernels_of_a_compiled_module_with_numbered_operands():
   assert kernel.opcode == "fusion"
   assert kernel.bytes == 8 * 4000  # Seven inputs and the output.
   assert gpu_program.summary(found) == dict(
-      kernels=1, tiny=1, library=0, gb_moved=pytest.approx(32e-6))
+      kernels=1, tiny=1, library=0, gb_moved=pytest.approx(32e-6),
+      mask_gb=0.0)
 
 
 HLO = """HloModule m
@@ -43,9 +44,9 @@ ENTRY %main.5 (a: bf16[256,28,28,128], b: f32[8,128]) -> (f32[128], f32[]) {
   %cudnn-conv.3 = (bf16[256,28,28,128]{3,2,1,0}, u8[0]{0}) custom-call(%a, %a), custom_call_target="__cudnn$convForward"
   %get-tuple-element.1 = bf16[256,28,28,128]{3,2,1,0} get-tuple-element(%cudnn-conv.3), index=0
   %input_reduce_fusion.7 = ((f32[256,128]{1,0}, f32[256,128]{1,0}), f32[8,128]{1,0}) fusion(%get-tuple-element.1, %b), kind=kInput, calls=%fused_computation
-  %loop_multiply_fusion.2 = f32[8,128]{1,0} fusion(%b), kind=kLoop, calls=%fused_computation
+  %loop_multiply_fusion.2 = (f32[8,128]{1,0}, pred[8,128]{1,0}) fusion(%b), kind=kLoop, calls=%fused_computation
   %tuple.9 = (f32[8,128]{1,0}, f32[8,128]{1,0}, f32[8,128]{1,0}, f32[8,128]{1,0}, f32[8,128]{1,0}, /*index=5*/f32[8,128]{1,0}) tuple(%b, %b, %b, %b, %b, /*index=5*/%b)
-  ROOT %copy.4 = f32[8,128]{1,0} copy(%loop_multiply_fusion.2)
+  ROOT %copy.4 = f32[8,128]{1,0} copy(%b)
 }
 """
 
@@ -53,13 +54,13 @@ ENTRY %main.5 (a: bf16[256,28,28,128], b: f32[8,128]) -> (f32[128], f32[]) {
 def test_kernels_shapes_tuples_and_families():
   found = gpu_program.kernels(HLO)
   activations = 256 * 28 * 28 * 128 * 2
-  stats = 8 * 128 * 4
-  assert [(k.name, k.opcode, k.bytes) for k in found] == [
-      ("cudnn-conv.3", "custom-call", 3 * activations),
+  stats, mask = 8 * 128 * 4, 8 * 128  # f32 and pred [8, 128].
+  assert [(k.name, k.opcode, k.bytes, k.mask_bytes) for k in found] == [
+      ("cudnn-conv.3", "custom-call", 3 * activations, 0),
       ("input_reduce_fusion.7", "fusion",
-       activations + stats + 2 * 256 * 128 * 4 + stats),
-      ("loop_multiply_fusion.2", "fusion", 2 * stats),
-      ("copy.4", "copy", 2 * stats)]
+       activations + stats + 2 * 256 * 128 * 4 + stats, 0),
+      ("loop_multiply_fusion.2", "fusion", 2 * stats + mask, mask),
+      ("copy.4", "copy", 2 * stats, 0)]
   assert gpu_program.families(found) == {
       "cudnn-conv": 1, "input_reduce_fusion": 1, "loop_multiply_fusion": 1,
       "copy": 1}
@@ -67,7 +68,8 @@ def test_kernels_shapes_tuples_and_families():
   assert summary["kernels"] == 4 and summary["library"] == 1
   assert summary["tiny"] == 2  # The multiply and the copy.
   assert summary["gb_moved"] == pytest.approx(
-      (activations + 2 * 256 * 128 * 4 + 6 * stats) / 1e9)
+      (activations + 2 * 256 * 128 * 4 + 6 * stats + mask) / 1e9)
+  assert summary["mask_gb"] == pytest.approx(mask / 1e9)
 
 
 def test_an_instruction_it_cannot_read_is_refused():
@@ -80,8 +82,9 @@ def test_report_lists_the_families_that_differ():
   found = gpu_program.kernels(HLO)
   lines = gpu_program.report("net", {"ours": found, "reference": found[:2]},
                              top=5)
-  assert lines[2].split() == ["ours", "4", "2", "1", "0.05"]
-  assert lines[3].split() == ["reference", "2", "0", "1", "0.05"]
+  assert lines[1].split()[-4:] == ["GB", "moved", "masks", "GB"]
+  assert lines[2].split() == ["ours", "4", "2", "1", "0.05", "0.00"]
+  assert lines[3].split() == ["reference", "2", "0", "1", "0.05", "0.00"]
   families = {line.split()[0]: line.split()[1:] for line in lines[6:]}
   assert families == {"copy": ["1", "0"], "loop_multiply_fusion": ["1", "0"]}
 
@@ -156,12 +159,14 @@ def test_bad_flag_is_refused_before_compiling(flag, code, message):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ENV, ".stamp")),
                     reason="no .venv-gpu-program (make gpu-program-env)")
-def test_ghost_batch_norm_launches_no_more_h100_kernels_than_batch_norm():
+def test_ghost_batch_norm_and_max_pool_programs_for_an_h100():
   """ResNet-50's 28 px stage as XLA compiles it for an H100: ghost batch
   norm, its groups' statistics included, launches no more kernels than
   Flax's BatchNorm and moves at most 3% more (a pass over the activations
   is 4%); with the skip add and the ReLU in its gradient, fewer kernels and
-  fewer bytes than without."""
+  fewer bytes than without, and without skips no ReLU mask written out
+  (0.31 GB of masks before `_relu_passed`). The stem pool's gradient moves
+  less than half of nn.max_pool's bytes (0.26 against 1.12 GB)."""
   result = subprocess.run([ENV_PYTHON, "tests/gpu_program_norms.py"],
                           cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -173,6 +178,11 @@ def test_ghost_batch_norm_launches_no_more_h100_kernels_than_batch_norm():
   assert ghost["gb_moved"] <= 1.03 * plain["gb_moved"]
   assert fused["kernels"] < ghost["kernels"]
   assert fused["gb_moved"] < ghost["gb_moved"]
+  assert fused["mask_gb"] > 0  # The skips' masks: XLA keeps them.
+  assert runs["ghost_fused_no_skip"]["mask_gb"] == 0
+  pool, pool_flax = runs["pool"], runs["pool_flax"]
+  assert pool["library"] == pool_flax["library"] == 0
+  assert pool["gb_moved"] < 0.5 * pool_flax["gb_moved"]
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ENV, ".stamp")),
