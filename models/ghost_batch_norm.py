@@ -15,8 +15,8 @@ Training differentiates through a hand-written batch norm gradient
 pass over the activations, where autodiff's gradient took XLA:GPU more. A
 ReLU that follows the norm (`relu`), and a skip add before it (`residual`),
 can be taken inside that gradient (`fuse_relu`): the ReLU's mask is then
-recomputed from x in the same two passes (after a skip add, XLA:GPU keeps
-it from the forward pass instead, a byte per value).
+recomputed from x in the same two passes, or, after a skip add, kept from
+the forward pass at a bit per value.
 
 The module does not keep the moving average itself. In training it writes the
 statistics of the current batch into the `batch_stats` collection; the train
@@ -139,8 +139,13 @@ def _forward(x, scale, bias, residual, g, epsilon, fast_variance, dtype,
   residual = None if residual is None else residual.value
   out = _ghost_normalize(x, scale, bias, residual, g, epsilon, fast_variance,
                          dtype, relu)
-  _, mean, var = out
-  return out, (x, scale, bias, residual, mean, jax.lax.rsqrt(var + epsilon))
+  y, mean, var = out
+  # After a skip add, the ReLU's mask is kept from the output, packed to a
+  # bit per value (`_relu_passed`).
+  packed = (_pack_bits(y > 0) if relu and residual is not None
+            and y.shape[-1] % 8 == 0 else None)
+  return out, (x, scale, bias, residual, mean, jax.lax.rsqrt(var + epsilon),
+               packed)
 
 
 def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
@@ -154,11 +159,11 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
 
   With `relu`, dy is first masked where the ReLU's input (x̂ * scale +
   bias, plus the residual if there is one) is not positive; the mask is
-  recomputed from x (and the residual, `_relu_passed`), so the ReLU's
-  gradient costs no pass of its own over the activations. The residual's
-  gradient is the masked dy."""
+  recomputed from x, or kept from the forward pass after a skip add
+  (`_relu_passed`), so the ReLU's gradient costs no pass of its own over
+  the activations. The residual's gradient is the masked dy."""
   del epsilon, fast_variance  # Same function of x in every case.
-  x, scale, bias, residual, mean, rstd = residuals
+  x, scale, bias, residual, mean, rstd, packed = residuals
   dy, dmean, dvar = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
                      else c for c in cotangents)
   ndim = x.ndim
@@ -172,8 +177,8 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
     x_hat = centred * _per_example(rstd, g, ndim)
     if relu:
       dy32 = jnp.where(
-          _relu_passed(x32, x_hat, scale, bias, residual, mean, rstd, g,
-                       dtype), dy32, 0.0)
+          _relu_passed(x32, x_hat, scale, bias, residual, mean, rstd,
+                       packed, g, dtype), dy32, 0.0)
     # dx = scale * rstd / n * (n * dy - sum(dy) - x̂ * sum(dy * x̂)): the
     # group sums enter dx as the reduction leaves them, where dividing them
     # by n first made XLA:GPU write the quotients out in two kernels of
@@ -201,25 +206,46 @@ def _backward(g, epsilon, fast_variance, dtype, relu, residuals, cotangents):
           jnp.asarray(dbias, scale.dtype), dresidual)
 
 
-def _relu_passed(x32, x_hat, scale, bias, residual, mean, rstd, g, dtype):
+def _relu_passed(x32, x_hat, scale, bias, residual, mean, rstd, packed, g,
+                 dtype):
   """Where the ReLU after the norm (and the residual add) was positive in
-  the forward pass, recomputed from x (and the residual): `_backward`'s
-  mask. Values within rounding of zero may fall either side.
+  the forward pass: `_backward`'s mask.
 
-  Without a residual, x̂ * scale + bias > 0 is written x * a > -b with
-  per-group a = rstd * scale and b = bias - mean * a, a comparison of x
-  alone, which XLA:GPU recomputes inside both backward passes; written
-  from x̂, it joined the forward pass's kernel and was written out as a
-  mask of a byte per value that both backward passes read (2.2 GB more per
-  ResNet-50 step at B=256, `benchmarks/gpu_program.py`). With a residual
-  XLA writes the mask in the forward pass, which moves fewer bytes than
-  reading the residual again in both passes."""
+  Without a residual it is recomputed from x, which both backward passes
+  read anyway (values within rounding of zero may fall either side).
+  x̂ * scale + bias > 0 is written x * a > -b with per-group a = rstd *
+  scale and b = bias - mean * a, a comparison of x alone, which XLA:GPU
+  recomputes inside both passes; written from x̂, it joined the forward
+  pass's kernel and was written out as a mask of a byte per value that both
+  passes read (2.2 GB more per ResNet-50 step at B=256,
+  `benchmarks/gpu_program.py`).
+
+  With a residual, recomputing it would read the residual again in both
+  passes, and XLA:GPU wrote it out a byte per value instead; the forward
+  pass keeps it from the output, packed eight values to a byte (`packed`,
+  when the channels are a multiple of 8; else it is recomputed)."""
+  if packed is not None:
+    return _unpack_bits(packed, x32.shape)
   scale32, bias32 = (jnp.asarray(v, jnp.float32) for v in (scale, bias))
   if residual is None:
     a = rstd * scale32
     return (x32 * _per_example(a, g, x32.ndim)
             > -_per_example(bias32 - mean * a, g, x32.ndim))
   return _output(x_hat * scale32 + bias32, residual, False, dtype) > 0
+
+
+def _pack_bits(mask: jax.Array) -> jax.Array:
+  """Booleans [..., C] (C a multiple of 8) -> uint8 [..., C/8], channel
+  8i + j in bit j of byte i."""
+  bits = mask.astype(jnp.uint8).reshape(mask.shape[:-1] + (-1, 8))
+  return jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8), axis=-1,
+                 dtype=jnp.uint8)
+
+
+def _unpack_bits(packed: jax.Array, shape) -> jax.Array:
+  """`_pack_bits`'s inverse: booleans of `shape` [..., C]."""
+  bits = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+  return bits.reshape(shape) > 0
 
 
 _ghost_normalize_explicit.defvjp(_forward, _backward, symbolic_zeros=True)

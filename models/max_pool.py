@@ -31,6 +31,9 @@ Padding = tuple[tuple[int, int], ...]
 
 def _check(x, window: tuple[int, ...], strides: tuple[int, ...],
            padding: Padding):
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"max_pool: needs floating-point values (padding is "
+                     f"-inf), got {x.dtype}")
   spatial = x.ndim - 2
   if not len(window) == len(strides) == len(padding) == spatial:
     raise ValueError(
@@ -47,9 +50,9 @@ def _output_size(size: int, window: int, stride: int, pad: tuple[int, int]):
 
 
 def _window_views(x, window, strides, padding):
-  """The input padded with -inf, and for each offset of the window in
-  row-major order, the [B, *out, C] strided view of the values at that
-  offset of every window."""
+  """For each offset of the window in row-major order, the [B, *out, C]
+  strided view of the values at that offset of every window (of the input
+  padded with -inf)."""
   spatial = x.ndim - 2
   out_sizes = [_output_size(x.shape[1 + d], window[d], strides[d], padding[d])
                for d in range(spatial)]
@@ -63,13 +66,13 @@ def _window_views(x, window, strides, padding):
                      for o, s, n in zip(offset, strides, out_sizes))
              + (x.shape[-1],))
     views.append(lax.slice(padded, start, limit, (1,) + tuple(strides) + (1,)))
-  return padded.shape, views
+  return views
 
 
 def _pool(x, window, strides, padding):
   """The maxima [B, *out, C] and the int8 offset of each window's first
   maximum."""
-  _, views = _window_views(x, window, strides, padding)
+  views = _window_views(x, window, strides, padding)
   best, where = views[0], jnp.zeros(views[0].shape, jnp.int8)
   for k, view in enumerate(views[1:], start=1):
     where = jnp.where(view > best, jnp.int8(k), where)

@@ -4,8 +4,8 @@ of a max pool's gradient, models/max_pool.py's and nn.max_pool's.
 
 Run by tests/test_gpu_program.py with the Python of `make gpu-program-env`;
 prints one JSON line {"ghost": {...}, "plain": {...}, "ghost_fused": {...},
-"ghost_fused_no_skip": {...}, "pool": {...}, "pool_flax": {...}} of
-`benchmarks.gpu_program.summary` figures.
+"pool": {...}, "pool_flax": {...}} of `benchmarks.gpu_program.summary`
+figures.
 """
 import json
 import os
@@ -30,13 +30,12 @@ BATCH, SIZE, CHANNELS, GHOST, LAYERS = 256, 28, 128, 32, 4
 
 class Stack(nn.Module):
   norm: str  # "ghost", "ghost_fused" or "plain"
-  skips: bool = True  # Each layer after the first adds its input.
 
   @nn.compact
   def __call__(self, x):
     for i in range(LAYERS):
       y = nn.Conv(CHANNELS, (3, 3), use_bias=False, dtype=jnp.bfloat16)(x)
-      skip = x if i and self.skips else None
+      skip = x if i else None
       if self.norm == "plain":
         y = nn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)(y)
         x = nn.relu(y if skip is None else skip + y)
@@ -46,8 +45,8 @@ class Stack(nn.Module):
     return jnp.mean(x.astype(jnp.float32))
 
 
-def compiled_kernels(norm: str, mesh, skips: bool = True) -> dict:
-  net = Stack(norm, skips)
+def compiled_kernels(norm: str, mesh) -> dict:
+  net = Stack(norm)
   replicated, data = (mesh_lib.replicated(mesh),
                       mesh_lib.batch_sharding(mesh))
   variables = jax.eval_shape(lambda: net.init(
@@ -94,7 +93,6 @@ if __name__ == "__main__":
       os.path.join(gpu_program.SPECS, "h100_sxm.txtpb"))
   runs = {norm: compiled_kernels(norm, mesh)
           for norm in ("ghost", "ghost_fused", "plain")}
-  runs["ghost_fused_no_skip"] = compiled_kernels("ghost_fused", mesh, False)
   runs["pool"] = compiled_pool_gradient(max_pool, mesh)
   runs["pool_flax"] = compiled_pool_gradient(nn.max_pool, mesh)
   print(json.dumps(runs))

@@ -10,6 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import models
 from models import GhostBatchNorm
+from models import ghost_batch_norm
 
 EPSILON = 1e-5
 
@@ -136,14 +137,17 @@ def test_explicit_gradient_equals_autodiff(g, shape, fast_variance):
   assert np.abs(dx).max() > 1e-2  # Not vacuously equal.
 
 
-@pytest.mark.parametrize("g,shape", [(2, (8, 4, 4, 3)), (3, (9, 7))])
+@pytest.mark.parametrize("g,shape", [
+    (2, (8, 4, 4, 3)), (3, (9, 7)), (4, (8, 3, 3, 16))])
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_relu_gradient_equals_autodiff_of_relu_after_the_norm(
     g, shape, fuse, with_residual):
   """The written-out gradient with the residual add and the ReLU inside it
-  (the mask recomputed from x and the residual) or after it, against
-  autodiff of the norm, then `residual + y`, then nn.relu."""
+  (the mask recomputed from x, or after a skip add kept from the forward
+  pass: packed to bits where the channels are a multiple of 8, 16 here,
+  else recomputed) or after it, against autodiff of the norm, then
+  `residual + y`, then nn.relu."""
   rng = np.random.default_rng(g)
   x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
   variables = random_variables(x, rng)
@@ -163,6 +167,17 @@ def test_relu_gradient_equals_autodiff_of_relu_after_the_norm(
   assert np.abs(got[1] - linear[1]).max() > 1e-2
   if with_residual:  # The masked dy: zero where the ReLU cut, else w.
     assert 0.2 < (np.asarray(got[2]) == 0).mean() < 0.8
+
+
+def test_relu_mask_packs_eight_channels_to_a_byte():
+  mask = np.random.default_rng(3).random((2, 3, 24)) < 0.5
+  packed = ghost_batch_norm._pack_bits(jnp.asarray(mask))
+  assert packed.dtype == jnp.uint8 and packed.shape == (2, 3, 3)
+  # Channel 8i + j is bit j of byte i.
+  assert int(packed[0, 0, 1]) == sum(int(mask[0, 0, 8 + j]) << j
+                                     for j in range(8))
+  np.testing.assert_array_equal(
+      ghost_batch_norm._unpack_bits(packed, mask.shape), mask)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -164,9 +164,10 @@ def test_ghost_batch_norm_and_max_pool_programs_for_an_h100():
   norm, its groups' statistics included, launches no more kernels than
   Flax's BatchNorm and moves at most 3% more (a pass over the activations
   is 4%); with the skip add and the ReLU in its gradient, fewer kernels and
-  fewer bytes than without, and without skips no ReLU mask written out
-  (0.31 GB of masks before `_relu_passed`). The stem pool's gradient moves
-  less than half of nn.max_pool's bytes (0.26 against 1.12 GB)."""
+  under 85% of the bytes (1.95 against 2.43 GB; 2.22 when XLA wrote the
+  skips' masks a byte per value, 2.30 when it also wrote the others), and
+  no mask written out as booleans. The stem pool's gradient moves less than
+  half of nn.max_pool's bytes (0.26 against 1.12 GB)."""
   result = subprocess.run([ENV_PYTHON, "tests/gpu_program_norms.py"],
                           cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -177,9 +178,8 @@ def test_ghost_batch_norm_and_max_pool_programs_for_an_h100():
   assert ghost["kernels"] <= plain["kernels"]
   assert ghost["gb_moved"] <= 1.03 * plain["gb_moved"]
   assert fused["kernels"] < ghost["kernels"]
-  assert fused["gb_moved"] < ghost["gb_moved"]
-  assert fused["mask_gb"] > 0  # The skips' masks: XLA keeps them.
-  assert runs["ghost_fused_no_skip"]["mask_gb"] == 0
+  assert fused["gb_moved"] < 0.85 * ghost["gb_moved"]
+  assert fused["mask_gb"] == 0
   pool, pool_flax = runs["pool"], runs["pool_flax"]
   assert pool["library"] == pool_flax["library"] == 0
   assert pool["gb_moved"] < 0.5 * pool_flax["gb_moved"]

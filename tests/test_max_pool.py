@@ -88,3 +88,10 @@ def test_nan_propagates_as_in_nn_max_pool():
 def test_bad_pool_is_refused(window, strides, padding, message):
   with pytest.raises(ValueError, match=message):
     max_pool(jnp.zeros((1, 8, 8, 2)), window, strides, padding)
+
+
+def test_integer_values_are_refused():
+  with pytest.raises(ValueError, match=r"max_pool: needs floating-point "
+                     r"values \(padding is -inf\), got int32"):
+    max_pool(jnp.zeros((1, 8, 8, 2), jnp.int32), (2, 2), (2, 2),
+             ((0, 0), (0, 0)))

@@ -142,6 +142,33 @@ def test_zero_init_residual(zero_init_residual, want):
                                   1.0)
 
 
+def test_relu_inside_the_norm_gradient_changes_no_gradient(fashion_batch):
+  """model.bn_fuse_relu: the ReLUs and skip adds inside the norms' written-
+  out gradient (masks recomputed from x, or kept from the forward pass
+  packed to bits) give the gradients of the ReLUs after the norms, to the
+  bit, in float32."""
+  grads = []
+  for fuse in (True, False):
+    config = fashion_mnist_config(width=8, zero_init_residual=False,
+                                  bn_fuse_relu=fuse)
+    config.ghost_batch_size = 4
+    model = models.create_model(config)
+    variables = init(model, fashion_batch)
+
+    def loss(params):
+      logits, _ = model.apply(
+          {"params": params, "batch_stats": variables["batch_stats"]},
+          fashion_batch, train=True, mutable=["batch_stats"])
+      return jnp.sum(logits * jnp.arange(10.0))
+
+    grads.append(jax.jit(jax.grad(loss))(variables["params"]))
+  fused, separate = (jax.tree.leaves(g) for g in grads)
+  assert len(fused) == len(separate) == 3 * 9 + 2  # Convs, norms, head.
+  for got, want in zip(fused, separate):
+    np.testing.assert_array_equal(got, want)
+  assert max(float(np.abs(g).max()) for g in fused) > 1e-2
+
+
 def test_bfloat16_model_keeps_float32_params_and_logits(fashion_batch):
   config = fashion_mnist_config(width=8, zero_init_residual=False)
   config.ghost_batch_size = 4
