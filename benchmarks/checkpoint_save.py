@@ -38,13 +38,11 @@ def measure(config_path: str, setting: str, saves: int) -> dict:
   from trainer import checkpoint as checkpoint_lib
   from trainer import loop
   from trainer import mesh as mesh_lib
-  from trainer import optimizer as optimizer_lib
 
   config = common.load_config(config_path, [])
   mesh = mesh_lib.make_mesh()
   model = models.create_model(config)
-  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
-                                    momentum=0.9)
+  tx = common.optimizer(config)
   state = loop.create_train_state(config, model, tx, mesh, seed=0)
   leaves = jax.tree_util.tree_leaves(state)
   min_slice_bytes = (0 if setting == "orbax default"

@@ -103,14 +103,10 @@ def main():
         description:
       p.error(f"{a.gpu} is not a text GPU description with a "
               "device_memory_size")
-    fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
     try:
-      fraction_ok = 0 < float(fraction) <= 1
-    except ValueError:
-      fraction_ok = False
-    if not fraction_ok:
-      p.error("XLA_PYTHON_CLIENT_MEM_FRACTION must be a number in (0, 1], "
-              f"got {fraction!r}")
+      client_memory_fraction()
+    except ValueError as e:
+      p.error(str(e))
     if not gpu_program.plugin_found():
       sys.exit("max_device_batch.py --gpu needs XLA's CUDA plugin "
                "(jax-cuda12-pjrt), which this Python lacks: run `make "
@@ -228,6 +224,20 @@ def _on_device(a, config, start):
   return fits, not_tried
 
 
+def client_memory_fraction() -> float:
+  """XLA_PYTHON_CLIENT_MEM_FRACTION, the share of a GPU's memory JAX's
+  allocator holds (0.75 unset); ValueError unless a number in (0, 1]."""
+  fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+  try:
+    value = float(fraction)
+  except ValueError:
+    value = float("nan")
+  if not 0 < value <= 1:
+    raise ValueError("XLA_PYTHON_CLIENT_MEM_FRACTION must be a number in "
+                     f"(0, 1], got {fraction!r}")
+  return value
+
+
 def _compile_only(a, config, description: str):
   """fits(b): compiles the step of batch `b` for the compile-only GPU of
   `description` (a text GpuTargetConfigProto) and asks whether XLA's
@@ -235,8 +245,8 @@ def _compile_only(a, config, description: str):
   from benchmarks import common
   from benchmarks import gpu_program
 
-  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
-  gib = a.memory_gib or fraction * gpu_program.device_memory_gib(description)
+  gib = a.memory_gib or (client_memory_fraction()
+                         * gpu_program.device_memory_gib(description))
   mesh = gpu_program.compile_only_mesh(a.gpu, arrays_gib=gib)
   name = re.search(r'device_description_str:\s*"([^"]*)"', description)
   print(f"{config.model.name} {a.image_size} px {a.dtype}, compiled for "
