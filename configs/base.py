@@ -179,7 +179,8 @@ def get_base_config() -> config_dict.ConfigDict:
   config.checkpoint_every_steps = 500
   config.checkpoint_every_minutes = 0.0  # Also save after this long; 0 = off.
   config.checkpoints_to_keep = 3
-  # Persistent XLA compilation cache; None = <workdir>/compilation_cache.
+  # Persistent XLA compilation cache; None = $JAX_COMPILATION_CACHE_DIR if
+  # set, else <workdir>/compilation_cache.
   config.compilation_cache_dir = placeholder(str)
   # Also keep the compiled train-step functions in <that>/programs, so a
   # second launch of this config loads them without tracing

@@ -148,6 +148,29 @@ def test_executable_from_jax_persistent_cache_is_not_stored(tmp_path):
   assert not list((tmp_path / "programs").glob("*.program"))
 
 
+def test_the_cache_directory_is_the_config_s_then_jax_s_variable(
+    monkeypatch):
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config()
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  assert (compile_lib.compilation_cache_dir(config, "/w")
+          == "/w/compilation_cache")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/shared")
+  assert compile_lib.compilation_cache_dir(config, "/w") == "/shared"
+  config.compilation_cache_dir = "/mine"
+  assert compile_lib.compilation_cache_dir(config, "/w") == "/mine"
+
+
+def test_each_cache_directory_keeps_what_was_compiled_under_it(tmp_path):
+  """JAX opens its persistent cache once per process: a second run in the
+  same process, with another directory, must still write to its own."""
+  for name, factor in (("first", 2.0), ("second", 3.0)):
+    compile_lib.enable_compilation_cache(str(tmp_path / name))
+    jax.jit(lambda x: x * factor).lower(np.float32(1)).compile()
+  for name in ("first", "second"):
+    assert len(list((tmp_path / name).glob("jit_*-cache"))) == 1, name
+
+
 def test_unwritable_directory_only_warns(tmp_path, capsys):
   (tmp_path / "file").write_text("")
   cache(tmp_path / "file" / "programs").store("step", doubler())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 import sys
 import threading
 import time
@@ -20,6 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compilation_cache import (
+    compilation_cache as jax_compilation_cache)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from input_pipeline import batches as batches_lib
@@ -33,8 +36,23 @@ from trainer.micro_batching import micro_batches
 from trainer.micro_batching import step_key
 
 
+def compilation_cache_dir(config, workdir: str) -> str:
+  """Where a run keeps compiled executables: `config.compilation_cache_dir`,
+  else JAX's own JAX_COMPILATION_CACHE_DIR (one cache shared by many runs),
+  else `<workdir>/compilation_cache`."""
+  return (config.compilation_cache_dir
+          or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+          or os.path.join(workdir, "compilation_cache"))
+
+
 def enable_compilation_cache(directory: str) -> None:
-  """Persist compiled executables in `directory` (every size, every time)."""
+  """Persist compiled executables in `directory` (every size, every time).
+
+  JAX opens its cache once per process, at the first compile; a later run in
+  the same process with another directory would go on writing to the first
+  one, under keys that name the new one. So the cache is reopened."""
+  if jax.config.values["jax_compilation_cache_dir"] != directory:
+    jax_compilation_cache.reset_cache()
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

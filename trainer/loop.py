@@ -164,8 +164,7 @@ def train_and_evaluate(config, workdir: str,
 
 def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   """Restores or creates the state, compiles, runs the loop, closes up."""
-  cache_dir = (config.compilation_cache_dir
-               or os.path.join(workdir, "compilation_cache"))
+  cache_dir = compile_lib.compilation_cache_dir(config, workdir)
   compile_lib.enable_compilation_cache(cache_dir)
   programs = (program_cache_lib.ProgramCache(
       os.path.join(cache_dir, "programs"),
