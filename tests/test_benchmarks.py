@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import child, common, max_device_batch, reference_step
 from benchmarks import steps_in_flight, trace_ops
+from tests import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -182,7 +183,7 @@ def test_sizes_predicted_not_to_fit(b, limit, want):
 
 
 def test_a_size_whose_compiled_estimate_exceeds_the_memory_is_not_run():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags.xla_flags(1))
   r = subprocess.run(
       [sys.executable, "benchmarks/max_device_batch.py",
        "--config=configs/fashion_mnist.py", "--image_size=28",

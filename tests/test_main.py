@@ -7,10 +7,11 @@ import sys
 import pytest
 
 from configs import cifar10_increase_batch
+from tests import xla_flags
 
 SMOKE = "--config=configs/cifar10_increase_batch.py:smoke"
 ENV = dict(os.environ,
-           XLA_FLAGS="--xla_force_host_platform_device_count=8",
+           XLA_FLAGS=xla_flags.xla_flags(8),
            JAX_PLATFORMS="cpu")
 
 

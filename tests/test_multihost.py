@@ -6,6 +6,7 @@ import subprocess
 import portpicker
 import pytest
 
+from tests import xla_flags
 from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state, command,
                             final_state, run)
 from trainer import metrics as metrics_lib
@@ -14,7 +15,7 @@ from trainer import metrics as metrics_lib
 def _two_processes(workdir, cache, *extra):
   """The tiny run as two processes of 4 devices each; their outputs."""
   port = portpicker.pick_unused_port()
-  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(ENV, XLA_FLAGS=xla_flags.xla_flags(4))
   procs = [subprocess.Popen(
       ["timeout", "-s", "KILL", "300",  # Distributed JAX catches SIGTERM.
        *command(workdir, cache, f"--coordinator_address=127.0.0.1:{port}",

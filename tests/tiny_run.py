@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tests import xla_flags
+
 TOTAL_STEPS = 28  # 16 + 8 + 4 steps at B = 64, 128, 256.
 
 
@@ -30,7 +32,7 @@ def command(workdir, cache_dir, *extra):
 
 # The transfer guard makes any implicit host<->device copy an error: every
 # copy the trainer makes must be an explicit device_put / device_get.
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+ENV = dict(os.environ, XLA_FLAGS=xla_flags.xla_flags(8),
            JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
            JAX_TRANSFER_GUARD="disallow")
 
