@@ -19,10 +19,11 @@ run: setup
 	  $(PYTHON) -m trainer.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # The compile-only environments serve two tests, skipped if they cannot be
-# installed.
+# installed. pytest-xdist runs a worker per core (at most 4), each test
+# file in one worker so that its module fixtures run once.
 test: setup
 	-$(MAKE) -k --no-print-directory gpu-program-env tpu-program-env
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -n auto --maxprocesses=4 --dist loadfile
 
 # benchmarks/gpu_program.py: XLA's CUDA compiler plugin, of jax's version, in
 # an environment of its own (installed beside jax, every `import jax` would

@@ -29,7 +29,7 @@ setuptools.setup(
         "etils[epath]>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "portpicker>=1.5"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "portpicker>=1.5"],
         # gs:// workdirs and data: epath's and tensorboardX's GCS backends.
         "gcs": ["gcsfs", "google-cloud-storage"],
     },
