@@ -13,7 +13,7 @@ xla_flags.set_for_this_process()
 # Runs of the same tiny config in different tests and subprocesses compile
 # the same programs: the trainer reads JAX_COMPILATION_CACHE_DIR where a
 # config names no cache, so they compile once per session. A developer's own
-# setting is kept (a lasting directory makes a second session faster still).
+# setting is used instead, and kept.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="grow_batch_tests_xla_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
