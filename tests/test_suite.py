@@ -256,6 +256,8 @@ def test_train_env_has_8_devices_and_keeps_other_flags():
   assert env["HOME"] == "/h"
   assert suite.train_env({})["XLA_FLAGS"] == (
       "--xla_force_host_platform_device_count=8")
+  assert suite.train_env({}, devices=4)["XLA_FLAGS"] == (
+      "--xla_force_host_platform_device_count=4")
 
 
 def test_dry_run_estimate_fits_the_hour_and_trains_nothing(tmp_path, capsys):

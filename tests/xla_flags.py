@@ -11,24 +11,22 @@ code generation.
 """
 import os
 
-DEVICE_COUNT = "--xla_force_host_platform_device_count"
+from benchmarks import common
+from trainer import suite
+
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def set_for_this_process() -> None:
   """8 virtual devices unless XLA_FLAGS names a count, and fast compiles
   unless it names an optimisation level (before jax is imported)."""
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  if not any(f.startswith(DEVICE_COUNT) for f in flags):
-    flags.append(f"{DEVICE_COUNT}=8")
+  common.default_virtual_devices(8)
+  flags = os.environ["XLA_FLAGS"].split()
   if not any(f.startswith("--xla_backend_optimization_level") for f in flags):
-    flags.append(FAST_COMPILE)
-  os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ["XLA_FLAGS"] = " ".join([*flags, FAST_COMPILE])
 
 
 def xla_flags(devices: int = 8) -> str:
   """This process's XLA_FLAGS with `devices` virtual CPU devices, for a run
   it starts."""
-  others = [f for f in os.environ.get("XLA_FLAGS", "").split()
-            if not f.startswith(DEVICE_COUNT)]
-  return " ".join([f"{DEVICE_COUNT}={devices}", *others])
+  return suite.train_env(devices=devices)["XLA_FLAGS"]

@@ -120,12 +120,13 @@ def plan_runs(out: str, *, smoke: bool = False,
   return runs
 
 
-def train_env(environ=None) -> dict:
-  """The environment of a training run: 8 virtual CPU devices."""
+def train_env(environ=None, devices: int = NUM_DEVICES) -> dict:
+  """The environment of a training run: `devices` virtual CPU devices (8),
+  the other XLA_FLAGS kept."""
   env = dict(os.environ if environ is None else environ)
   flag = "--xla_force_host_platform_device_count"
   others = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-  env["XLA_FLAGS"] = " ".join([f"{flag}={NUM_DEVICES}", *others])
+  env["XLA_FLAGS"] = " ".join([f"{flag}={devices}", *others])
   return env
 
 
