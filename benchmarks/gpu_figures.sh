@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck disable=SC2317  # The parts' functions are called by name.
 # The performance figures that need a GPU, in one command (one lease):
 #   1. ResNet-50, bf16, 224 px, B=256: ours (batch norm gradient written
 #      out with the ReLU inside it or after it, and by autodiff) against
@@ -27,9 +28,15 @@
 #      part 3's estimates on the device.
 # Each part has its own time limit and writes its output to $OUT (default
 # ./gpu_figures), so a slow or failing part leaves the others' figures.
+# Parts run in the order PARTS names them. BUDGET_S (seconds) is the time the
+# whole command may take: a part whose limit no longer fits in what is left
+# is skipped with a line saying so, and the next one is tried, so a lease
+# shorter than all the parts still gets the first ones whole.
 #
 #   bash benchmarks/gpu_figures.sh      # from the repository root
 #   PARTS="reference_step max_device_batch" bash benchmarks/gpu_figures.sh
+#   BUDGET_S=560 PARTS="reference_step reference_in_flight in_flight \
+#       gpu_program" bash benchmarks/gpu_figures.sh   # one 600-s device call
 #
 # Python packages the GPU image may lack (ml-collections, tensorboardX,
 # opencv-python-headless: 61 MB, which still fits the device tool's 64 MiB) are
@@ -39,6 +46,27 @@
 #       opencv-python-headless
 set -u
 cd "$(dirname "$0")/.." || exit 1
+
+# Each part's time limit in seconds, in the default order.
+declare -A LIMIT=(
+  [reference_step]=300 [in_flight]=240 [reference_in_flight]=200
+  [max_device_batch]=300 [stage_switch]=100 [batch_transfer]=60
+  [input_pipeline]=180 [gpu_program]=530)
+PARTS=${PARTS:-reference_step in_flight reference_in_flight max_device_batch stage_switch batch_transfer input_pipeline gpu_program}
+BUDGET_S=${BUDGET_S:-}
+for name in $PARTS; do
+  if [[ -z ${LIMIT[$name]+set} ]]; then
+    echo "gpu_figures.sh: unknown part '$name'; known:" \
+         "${!LIMIT[*]}" >&2
+    exit 2
+  fi
+done
+if [[ -n $BUDGET_S && ! $BUDGET_S =~ ^[0-9]+$ ]]; then
+  echo "gpu_figures.sh: BUDGET_S='$BUDGET_S' is not a whole number of" \
+       "seconds" >&2
+  exit 2
+fi
+
 OUT=${OUT:-gpu_figures}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
@@ -58,19 +86,14 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax",
       optax.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1
 } | tee "$OUT/versions.txt"
 
-PARTS=${PARTS:-reference_step in_flight reference_in_flight max_device_batch stage_switch batch_transfer input_pipeline gpu_program}
-part() {  # Whether part $1 was asked for; prints its heading if so.
-  [[ " $PARTS " == *" $1 "* ]] || return 1
-  echo "== $1"
-}
-
-part reference_step && {
-  cross=()
+reference_step() {
+  local cross=()
   [[ -n ${CROSS:-} ]] && cross=(--cross)
   # The two steps' optimised HLO come back with the figures (hlo.tgz).
-  dump="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text"
+  local dump="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text"
   XLA_FLAGS="$dump --xla_dump_hlo_module_re=jit_(single|step)" \
-  timeout 300 "$PY" benchmarks/reference_step.py --models=resnet50 \
+  timeout "${LIMIT[reference_step]}" "$PY" benchmarks/reference_step.py \
+      --models=resnet50 \
       --image_size=224 --batch_size=256 --ghost_batch_size=32 \
       --dtype=bfloat16 --peak_size=8192 --bn_gradient=explicit,autodiff \
       --bn_relu=fused,separate "${cross[@]}" \
@@ -80,43 +103,53 @@ part reference_step && {
   (cd /tmp/hlo && tar czf - ./*after_optimizations.txt) > "$OUT/hlo.tgz"
 }
 
-part in_flight &&
-timeout 240 "$PY" benchmarks/train_step.py --config=configs/imagenet_resnet50.py \
-    --devices=1 --batch_sizes=256 --accumulation=host --in_flight=1,2,1,2 \
-    --steps=20 2>&1 | tee "$OUT/in_flight.txt"
+in_flight() {
+  timeout "${LIMIT[in_flight]}" "$PY" benchmarks/train_step.py \
+      --config=configs/imagenet_resnet50.py \
+      --devices=1 --batch_sizes=256 --accumulation=host --in_flight=1,2,1,2 \
+      --steps=20 2>&1 | tee "$OUT/in_flight.txt"
+}
 
-part reference_in_flight &&
-timeout 200 "$PY" benchmarks/reference_step.py --models=resnet50 \
-    --image_size=224 --batch_size=256 --ghost_batch_size=32 \
-    --dtype=bfloat16 --peak_size=8192 --in_flight=2 --steps=20 --rounds=2 \
-    2>&1 | tee "$OUT/reference_in_flight.txt"
+reference_in_flight() {
+  timeout "${LIMIT[reference_in_flight]}" "$PY" benchmarks/reference_step.py \
+      --models=resnet50 \
+      --image_size=224 --batch_size=256 --ghost_batch_size=32 \
+      --dtype=bfloat16 --peak_size=8192 --in_flight=2 --steps=20 --rounds=2 \
+      2>&1 | tee "$OUT/reference_in_flight.txt"
+}
 
-part max_device_batch &&
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 "$PY" \
-    benchmarks/max_device_batch.py --sizes=1024,2048,2816,2944 \
-    --predict=false --time_limit=240 2>&1 | grep -v cuda_timer \
-    | tee "$OUT/max_device_batch.txt"
+max_device_batch() {
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout "${LIMIT[max_device_batch]}" \
+      "$PY" benchmarks/max_device_batch.py --sizes=1024,2048,2816,2944 \
+      --predict=false --time_limit=240 2>&1 | grep -v cuda_timer \
+      | tee "$OUT/max_device_batch.txt"
+}
 
-part stage_switch &&
-timeout 100 "$PY" benchmarks/stage_switch.py --accumulation=host \
-    --program_cache=true --set dataset.source=synthetic 2>&1 \
-    | tee "$OUT/stage_switch.txt"
+stage_switch() {
+  timeout "${LIMIT[stage_switch]}" "$PY" benchmarks/stage_switch.py \
+      --accumulation=host \
+      --program_cache=true --set dataset.source=synthetic 2>&1 \
+      | tee "$OUT/stage_switch.txt"
+}
 
-part batch_transfer &&
-timeout 60 "$PY" benchmarks/batch_transfer.py --repeats=20 2>&1 \
-    | tee "$OUT/batch_transfer.txt"
+batch_transfer() {
+  timeout "${LIMIT[batch_transfer]}" "$PY" benchmarks/batch_transfer.py \
+      --repeats=20 2>&1 | tee "$OUT/batch_transfer.txt"
+}
 
-part input_pipeline &&
-timeout 180 "$PY" -m benchmarks.input_pipeline --seconds=4 --workers=8,16 --processes=8,16 \
-    --step_batch_sizes= 2>&1 | tee "$OUT/input_pipeline.txt"
+input_pipeline() {
+  timeout "${LIMIT[input_pipeline]}" "$PY" -m benchmarks.input_pipeline \
+      --seconds=4 --workers=8,16 --processes=8,16 \
+      --step_batch_sizes= 2>&1 | tee "$OUT/input_pipeline.txt"
+}
 
-part gpu_program && {
+gpu_program() {  # 30 + 300 + 200 s: LIMIT[gpu_program].
   timeout 30 "$PY" -c 'import sys, jax
 from jax._src.lib import xla_client as xc
 config = xc.get_topology_for_devices(jax.devices()).target_config
 sys.stdout.buffer.write(config if isinstance(config, bytes) else config.encode())' \
-      > "$OUT/target_config.txtpb" &&
-  profile=()  # Part 1's profile, when it ran: the same trainers.
+      > "$OUT/target_config.txtpb" || return
+  local profile=()  # Part 1's profile, when it ran: the same trainers.
   [[ -f $OUT/reference_step_ops.json ]] &&
     profile=(--profile="$OUT/reference_step_ops.json")
   # Compile-only, as on the CPU (no GPU runtime in these processes).
@@ -134,4 +167,15 @@ sys.stdout.buffer.write(config if isinstance(config, bytes) else config.encode()
       | tee "$OUT/max_device_batch_compiled.txt"
 }
 
+for name in $PARTS; do
+  left=$(( ${BUDGET_S:-999999} - SECONDS ))
+  if (( LIMIT[$name] > left )); then
+    echo "== $name: skipped (its limit is ${LIMIT[$name]} s, ${left} s of" \
+         "BUDGET_S left)"
+    continue
+  fi
+  echo "== $name (${SECONDS} s in)"
+  "$name"
+done
+echo "== done (${SECONDS} s)"
 exit 0  # A skipped or failed part leaves the others' figures.

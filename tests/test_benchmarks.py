@@ -125,6 +125,52 @@ def test_gpu_figures_script_passes_shellcheck():
   assert r.returncode == 0, r.stdout
 
 
+def run_gpu_figures(tmp_path, **env):
+  """benchmarks/gpu_figures.sh with a stand-in Python that prints what it was
+  asked to run, so the parts' order and the budget are seen without a GPU."""
+  fake = tmp_path / "python"
+  fake.write_text('#!/bin/sh\necho "ran: $*"\n')
+  fake.chmod(0o755)
+  return subprocess.run(
+      ["bash", str(ROOT / "benchmarks/gpu_figures.sh")], capture_output=True,
+      text=True, check=False, timeout=60,
+      env=dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"),
+               **env))
+
+
+def test_gpu_figures_runs_parts_in_the_order_given_within_the_budget(
+    tmp_path):
+  # Limits: batch_transfer 60 s, reference_step 300 s, stage_switch 100 s.
+  r = run_gpu_figures(tmp_path, BUDGET_S="250",
+                      PARTS="batch_transfer reference_step stage_switch")
+  assert r.returncode == 0, r.stderr
+  headings = [line.split(" (")[0].split(":")[0]
+              for line in r.stdout.splitlines() if line.startswith("== ")]
+  assert headings == ["== batch_transfer", "== reference_step",
+                      "== stage_switch", "== done"]
+  assert re.search(r"^== reference_step: skipped \(its limit is 300 s, "
+                   r"2\d\d s of BUDGET_S left\)$", r.stdout, re.M)
+  ran = [line.split()[1] for line in r.stdout.splitlines()
+         if line.startswith("ran: ") and "benchmarks" in line]
+  assert ran == ["benchmarks/batch_transfer.py", "benchmarks/stage_switch.py"]
+  assert (tmp_path / "out" / "stage_switch.txt").read_text().startswith(
+      "ran: benchmarks/stage_switch.py --accumulation=host")
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(PARTS="reference_step refrence_step"),
+     "gpu_figures.sh: unknown part 'refrence_step'; known:"),
+    (dict(BUDGET_S="9m"),
+     "gpu_figures.sh: BUDGET_S='9m' is not a whole number of seconds"),
+])
+def test_gpu_figures_refuses_bad_input_before_any_work(tmp_path, env,
+                                                       message):
+  r = run_gpu_figures(tmp_path, **env)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith(message)
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("capacity,refine,time_left,want,tried", [
     # Doubles 32..256, 512 fails, then bisects toward 300 in steps of 32.
     (300, 0, 99, (256, 512), [32, 64, 128, 256, 512]),
