@@ -1,14 +1,16 @@
 """Two processes (4 virtual CPU devices each, gloo collectives) train exactly
-what one process with 8 devices trains, and their checkpoint restores in one."""
+what one process with 8 devices trains, and their checkpoint resumes in one
+process of another device count."""
 import os
+import shutil
 import subprocess
 
 import portpicker
 import pytest
 
 from tests import xla_flags
-from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state, command,
-                            final_state, run)
+from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state,
+                            checkpoint_steps, command, final_state, run)
 from trainer import metrics as metrics_lib
 
 
@@ -66,9 +68,28 @@ def test_two_processes_reading_in_worker_processes_match_one(runs, tmp_path):
   _assert_same_training(single, str(tmp_path))
 
 
-def test_two_process_checkpoint_restores_in_one_process(runs):
-  cache, _, two, _ = runs
-  r = run(two, cache)
+def test_two_process_checkpoint_resumes_on_one_process_of_half_the_devices(
+    runs, tmp_path):
+  """A pod job resumed on another slice: the two-process run's checkpoint at
+  the first stage boundary (step 16 of 28, 8 devices) resumed by one process
+  of 4 devices trains on as the uninterrupted one-process run did (the same
+  ghost batches; sums in another order)."""
+  cache, single, two, _ = runs
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(two, workdir)
+  for step in checkpoint_steps(workdir):
+    if step > 16:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  r = run(workdir, cache, env=dict(ENV, XLA_FLAGS=xla_flags.xla_flags(4)))
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"resumed from step {TOTAL_STEPS}" in r.stdout
-  assert os.path.exists(os.path.join(two, "metrics.jsonl"))
+  assert "resumed from step 16 (1024 examples seen)" in r.stdout
+  assert "1 process(es), 4 devices" in r.stdout
+  a = metrics_lib.read_metrics(single, "train")[16:]
+  b = metrics_lib.read_metrics(workdir, "train")
+  assert [x["step"] for x in b] == list(range(17, TOTAL_STEPS + 1))
+  for x, y in zip(a, b):
+    assert y["batch_size"] == x["batch_size"]
+    assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
+  assert_same_state(final_state(single), final_state(workdir), rtol=1e-3,
+                    atol=2e-5)
