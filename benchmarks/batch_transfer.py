@@ -41,12 +41,18 @@ def host_normalize(pixels, mean, std):
   return out
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+  """This script's flags (tests check gpu_figures.sh's calls against them)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/imagenet_resnet50.py")
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--repeats", type=int, default=10)
+  return p
+
+
+def main():
+  p = parser()
   a = p.parse_args()
 
   import functools

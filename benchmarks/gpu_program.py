@@ -292,7 +292,8 @@ def against_profile(name: str, found: dict[str, list[Kernel]],
   return lines
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+  """This script's flags (tests check gpu_figures.sh's calls against them)."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
   from benchmarks import reference_step as ref_lib
@@ -318,6 +319,12 @@ def main():
   p.add_argument("--profile", default="",
                  help="reference_step.py --ops_json output (.json or "
                       ".json.gz) of the same trainers, to compare with")
+  return p
+
+
+def main():
+  p = parser()
+  from benchmarks import reference_step as ref_lib
   a = p.parse_args()
   for name in a.models.split(","):
     if name not in ref_lib.MODELS:

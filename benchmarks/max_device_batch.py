@@ -54,7 +54,8 @@ def out_of_memory(error: Exception) -> bool:
                                  "resource exhausted"))
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+  """This script's flags (tests check gpu_figures.sh's calls against them)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/imagenet_resnet50.py")
   p.add_argument("--image_size", type=int, default=224)
@@ -83,6 +84,11 @@ def main():
                  help="compile only, for the GPU this file describes (e.g. "
                       "benchmarks/gpu_specs/h100_sxm.txtpb), without one: "
                       "run with .venv-gpu-program/bin/python")
+  return p
+
+
+def main():
+  p = parser()
   a = p.parse_args()
   if a.memory_gib < 0:
     p.error(f"--memory_gib must not be negative, got {a.memory_gib}")

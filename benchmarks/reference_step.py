@@ -450,7 +450,8 @@ def matmul_peak(mesh, dtype="float32", n=1024, repeats=5) -> float:
   return 2.0 * n**3 * mesh.size / best
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+  """This script's flags (tests check gpu_figures.sh's calls against them)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", default="resnet50,small")
   p.add_argument("--image_size", type=int, default=64,
@@ -497,6 +498,11 @@ def main():
   p.add_argument("--from_ops_json", default="",
                  help="print the profile tables of an --ops_json file "
                       "(.json or .json.gz) instead of measuring")
+  return p
+
+
+def main():
+  p = parser()
   a = p.parse_args()
   if a.in_flight not in (1, 2):
     p.error(f"--in_flight must be 1 or 2, got {a.in_flight}")

@@ -82,7 +82,8 @@ SHORT_SCHEDULE = ["schedule.num_epochs=0.8",
                   "schedule.milestones_epochs=(0.2,0.4,0.6)"]
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+  """This script's flags (tests check gpu_figures.sh's calls against them)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/fashion_mnist.py")
   p.add_argument("--accumulation", default="host,compiled")
@@ -93,6 +94,11 @@ def main():
                  help="short: SHORT_SCHEDULE; config: the config's schedule")
   p.add_argument("--set", action="append", default=[],
                  help="config override FIELD=VALUE (after the schedule's)")
+  return p
+
+
+def main():
+  p = parser()
   a = p.parse_args()
   overrides = (SHORT_SCHEDULE if a.schedule == "short" else []) + a.set
   print(f"{'accumulation':>12} {'programs':>8} {'stage':>5} {'B':>6} "

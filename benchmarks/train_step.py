@@ -65,7 +65,8 @@ def measure(args):
   return rows
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+  """This script's flags (tests check gpu_figures.sh's calls against them)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/fashion_mnist.py")
   p.add_argument("--batch_sizes", default="128,512,1024")
@@ -86,6 +87,11 @@ def main():
   p.add_argument("--set", action="append", default=[],
                  help="config override FIELD=VALUE, e.g. model.width=8")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  return p
+
+
+def main():
+  p = parser()
   a = p.parse_args()
   if any(x.strip() not in ("1", "2") for x in a.in_flight.split(",")):
     p.error(f"--in_flight={a.in_flight}: each value must be 1 or 2")

@@ -128,8 +128,9 @@ def test_gpu_figures_script_passes_shellcheck():
 def run_gpu_figures(tmp_path, **env):
   """benchmarks/gpu_figures.sh with a stand-in Python that prints what it was
   asked to run, so the parts' order and the budget are seen without a GPU."""
-  fake = tmp_path / "python"
-  fake.write_text('#!/bin/sh\necho "ran: $*"\n')
+  fake = tmp_path / "python"  # Prints "ran:" and its arguments, tab-separated.
+  fake.write_text('#!/bin/sh\nprintf "ran:"\nfor a in "$@"; do '
+                  'printf "\\t%s" "$a"; done\necho\n')
   fake.chmod(0o755)
   return subprocess.run(
       ["bash", str(ROOT / "benchmarks/gpu_figures.sh")], capture_output=True,
@@ -150,11 +151,56 @@ def test_gpu_figures_runs_parts_in_the_order_given_within_the_budget(
                       "== stage_switch", "== done"]
   assert re.search(r"^== reference_step: skipped \(its limit is 300 s, "
                    r"2\d\d s of BUDGET_S left\)$", r.stdout, re.M)
-  ran = [line.split()[1] for line in r.stdout.splitlines()
-         if line.startswith("ran: ") and "benchmarks" in line]
+  ran = [argv[0] for argv in benchmark_calls(r.stdout)]
   assert ran == ["benchmarks/batch_transfer.py", "benchmarks/stage_switch.py"]
   assert (tmp_path / "out" / "stage_switch.txt").read_text().startswith(
-      "ran: benchmarks/stage_switch.py --accumulation=host")
+      "ran:\tbenchmarks/stage_switch.py\t--accumulation=host")
+
+
+def benchmark_calls(stdout: str) -> list[list[str]]:
+  """The arguments of each call the stand-in Python printed for a
+  benchmark (a script under benchmarks/, or -m benchmarks.X)."""
+  calls = [line.split("\t")[1:] for line in stdout.splitlines()
+           if line.startswith("ran:\t")]
+  return [argv[1:] if argv[0] == "-m" else argv for argv in calls
+          if argv[0] == "-m" and argv[1].startswith("benchmarks.")
+          or argv[0].startswith("benchmarks/")]
+
+
+def test_every_gpu_figures_call_parses_with_its_benchmarks_flags(tmp_path):
+  """A renamed or mistyped flag in gpu_figures.sh would cost a GPU lease:
+  every benchmark call it makes parses with that benchmark's own flags."""
+  from absl import flags
+
+  from benchmarks import batch_transfer, gpu_program, stage_switch, train_step
+  from benchmarks import input_pipeline  # Defines its absl flags.
+  del input_pipeline
+  r = run_gpu_figures(tmp_path)
+  assert r.returncode == 0, r.stderr
+  calls = benchmark_calls(r.stdout)
+  modules = dict(reference_step=reference_step, train_step=train_step,
+                 max_device_batch=max_device_batch, stage_switch=stage_switch,
+                 batch_transfer=batch_transfer, gpu_program=gpu_program)
+  names = sorted(argv[0] for argv in calls)
+  assert names == sorted(
+      ["benchmarks/reference_step.py", "benchmarks/reference_step.py",
+       "benchmarks/train_step.py", "benchmarks/max_device_batch.py",
+       "benchmarks/max_device_batch.py", "benchmarks/stage_switch.py",
+       "benchmarks/batch_transfer.py", "benchmarks.input_pipeline",
+       "benchmarks/gpu_program.py"])
+  for argv in calls:
+    if argv[0] == "benchmarks.input_pipeline":
+      try:  # absl: unknown flags and bad values raise.
+        flags.FLAGS(["input_pipeline", *argv[1:]])
+      finally:
+        flags.FLAGS.unparse_flags()
+      continue
+    parser = modules[argv[0][len("benchmarks/"):-len(".py")]].parser()
+    try:
+      _, unknown = parser.parse_known_args(argv[1:])
+    except SystemExit:
+      pytest.fail(f"{argv[0]} refused {argv[1:]}")
+    assert unknown == [], argv
 
 
 @pytest.mark.parametrize("env, message", [
