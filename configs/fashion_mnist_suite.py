@@ -123,6 +123,10 @@ def parse_variant(variant: str | None) -> tuple[Experiment, int, bool]:
     raise ValueError("configs/fashion_mnist_suite.py needs a variant naming the "
                      f"experiment, e.g. ':increase_batch,seed=1'; known: {known}")
   name, *options = [part.strip() for part in variant.split(",")]
+  if name == "smoke" or name.partition("=")[0] == "seed":
+    raise ValueError(f"variant {variant!r} names no experiment: the "
+                     "experiment comes first, then seed=K and/or smoke, e.g. "
+                     f"':increase_batch,seed=1,smoke'; known: {known}")
   if name not in EXPERIMENTS_BY_NAME:
     raise ValueError(f"unknown experiment {name!r} in variant {variant!r}; "
                      f"known: {known}")

@@ -171,7 +171,10 @@ BAD_VARIANTS = [
     (None, "needs a variant naming the experiment"),
     ("", "needs a variant naming the experiment"),
     ("decay", "unknown experiment 'decay'"),
-    ("seed=1", "unknown experiment 'seed=1'"),
+    ("seed=1", "variant 'seed=1' names no experiment: the experiment comes "
+     "first"),
+    ("smoke", "variant 'smoke' names no experiment: .* e.g. "
+     "':increase_batch,seed=1,smoke'"),
     ("decay_lr,seed=x", "seed='x' in variant 'decay_lr,seed=x' must be a "
      "non-negative integer"),
     ("decay_lr,seed=-1", "seed='-1' .* must be a non-negative integer"),
