@@ -98,9 +98,16 @@ def test_workdir_of_another_config_is_refused(run):
   config, workdir, _ = run
   config = tiny_config()
   config.schedule.learning_rate = 0.2
+
+  def files():
+    return {name: (st.st_mtime_ns, st.st_size) for name in os.listdir(workdir)
+            for st in [os.stat(os.path.join(workdir, name))]}
+
+  before = files()
   with pytest.raises(workdir_lib.WorkdirError,
                      match=r"different config: schedule.learning_rate \(0.1 → 0.2\)"):
     loop.train_and_evaluate(config, workdir)
+  assert files() == before  # Refused before the workdir (its lock) is touched.
 
 
 def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(
@@ -222,6 +229,36 @@ def test_weight_average_is_evaluated_without_changing_training(run, tmp_path):
   differs = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)),
                                    ema_state.params, ema_state.ema_params)
   assert any(jax.tree_util.tree_leaves(differs))
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_averaged_weights_recompute_the_same_batches_on_every_process(
+    monkeypatch, process_index):
+  """Batch norm for the averaged weights runs one program across processes,
+  so every process must feed it the same number of batches. N=1024 in
+  batches of 384 leaves a third of 256 examples: process 0's share (192) of
+  it is full, process 1's is not; neither may use it."""
+  config = tiny_config()
+  config.weight_average = "ema"
+  config.ema_bn_batch_size = 384
+  config.ema_bn_batches = 3
+  monkeypatch.setattr(loop.jax, "process_index", lambda: process_index)
+  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(loop.mesh_lib, "global_batch", lambda batch, mesh: batch)
+  masks = []
+
+  def stats_fn(params, batch_stats, batch):
+    masks.append(batch["mask"])
+    return {"mean": jax.numpy.ones(())}
+
+  state = types.SimpleNamespace(ema_params={}, batch_stats={},
+                                replace=lambda **kw: kw)
+  out = loop.averaged_weights_state(state, stats_fn, config,
+                                    mesh_lib.make_mesh(),
+                                    input_pipeline.sources.train_source(config))
+  assert len(masks) == 2  # 1024 // 384 full batches, fewer than 3.
+  assert all(m.shape == (192,) and m.min() == 1 for m in masks)
+  assert float(out["batch_stats"]["mean"]) == 1.0
 
 
 _TIMINGS = {"step_time", "compile_wait", "examples_per_second", "wall_time",

@@ -21,6 +21,7 @@ from trainer import compile as compile_lib
 from trainer import distributed
 from trainer import mesh as mesh_lib
 from trainer import metrics as metrics_lib
+from trainer import micro_batching
 from trainer import noise_scale as noise_scale_lib
 from trainer import optimizer as optimizer_lib
 from trainer import plan as plan_lib
@@ -134,16 +135,13 @@ def train_and_evaluate(config, workdir: str,
   mesh = mesh_lib.make_mesh()
   plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
   _check_eval_batch(config, mesh.size)
+  _check_intervals(config)
   steps_in_flight(config)
   compile_lib.check_accumulation(config.accumulation)
   _check_weight_average(config, mesh.size)
-  sizes = list(plan.batch_sizes)
   if config.schedule.kind == "adaptive":
     _check_adaptive(config, mesh.size)
-    sizes = adaptive_lib.allowed_batch_sizes(config.schedule, sizes[0])
-  for batch_size in sizes:
-    compile_lib.micro_batches(batch_size, mesh.size, config.max_device_batch,
-                              config.ghost_batch_size)
+  micro_batching.check_batch_sizes(config, plan, mesh.size)
   model = models.create_model(config)
   first = plan.stages[0]
   tx = optimizer_lib.make_optimizer(config.optimizer,
@@ -152,9 +150,11 @@ def train_and_evaluate(config, workdir: str,
   sources = dict(train=input_pipeline.train_source(config),
                  eval=input_pipeline.eval_source(config))
 
+  workdir_lib.check_config(workdir, config, allow_config_change)
   workdir_lib.prepare(workdir)
   lock = workdir_lib.Lock(workdir) if is_chief else None
   try:
+    # Again under the lock: a run that held it may have recorded its config.
     workdir_lib.check_config(workdir, config, allow_config_change)
     return _train(config, workdir, plan, mesh, model, tx, sources, is_chief)
   finally:
@@ -285,22 +285,26 @@ def averaged_weights_state(state, stats_fn, config, mesh, source):
   them: the mean ghost-batch statistics of the first `ema_bn_batches` full
   batches of training examples (unaugmented) under those weights."""
   batch_size = _bn_batch_size(config, mesh.size)
+  # Counted from the split's size, the same on every process (a process's
+  # own padding mask is not: its slice of the last batch may be full while
+  # another's is padded, and stats_fn is one program across processes).
+  num_batches = min(config.ema_bn_batches, len(source) // batch_size)
+  if not num_batches:
+    raise compile_lib.ConfigError(
+        f"weight averaging: the training split has no full batch of "
+        f"{batch_size} examples to recompute batch-norm statistics from")
   total, count = None, 0
   with input_pipeline.eval_batches(
       config, batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), source=source) as batches:
     for batch in batches:
-      if count == config.ema_bn_batches or batch["mask"].min() < 1:
+      if count == num_batches:
         break
       stats = stats_fn(state.ema_params, state.batch_stats,
                        mesh_lib.global_batch(batch, mesh))
       total = stats if total is None else jax.tree_util.tree_map(
           jnp.add, total, stats)
       count += 1
-  if not count:
-    raise compile_lib.ConfigError(
-        f"weight averaging: the training split has no full batch of "
-        f"{batch_size} examples to recompute batch-norm statistics from")
   return state.replace(
       params=state.ema_params,
       batch_stats=jax.tree_util.tree_map(
@@ -370,6 +374,23 @@ def _check_eval_batch(config, num_devices):
     raise compile_lib.ConfigError(
         f"eval_batch_size={b} must be a positive multiple of the device "
         f"count {num_devices}")
+
+
+def _check_intervals(config):
+  """How often the run logs, evaluates and saves: refused before any
+  work, not at the first step that divides by it."""
+  for name in ("log_every_steps", "checkpoint_every_steps",
+               "checkpoints_to_keep"):
+    value = config[name]
+    if not isinstance(value, int) or value < 1:
+      raise compile_lib.ConfigError(f"{name}={value!r} must be a whole number ≥ 1")
+  if not config.eval_every_epochs > 0:
+    raise compile_lib.ConfigError(
+        f"eval_every_epochs={config.eval_every_epochs} must be positive")
+  if not config.checkpoint_every_minutes >= 0:
+    raise compile_lib.ConfigError(
+        f"checkpoint_every_minutes={config.checkpoint_every_minutes} must be "
+        "≥ 0 (0 turns the timer off)")
 
 
 def _step_hyper(config, pos, num_train_examples, sharding) -> dict:
