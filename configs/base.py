@@ -159,7 +159,11 @@ def get_base_config() -> config_dict.ConfigDict:
       linear_scaling_batch=placeholder(int),
       # Cap on the global batch (examples); hybrid decays ε once B reaches it.
       max_batch=placeholder(int),
+      # Linear warm-up of ε over these epochs of examples seen, from
+      # warmup_start_learning_rate (Goyal et al. start at the ε of the
+      # linear scaling rule's reference batch; 0 starts from nothing).
       warmup_epochs=0.0,
+      warmup_start_learning_rate=0.0,
       # kind='adaptive' (trainer/adaptive.py; milestones and decay_factor
       # unused): every `adaptive_every_epochs` the batch grows to the largest
       # B0 * adaptive_growth**j not above adaptive_scale * B_simple (the
@@ -230,6 +234,9 @@ def shrink_for_smoke(config, *, batch_size: int, max_batch: int | None = None,
   s.linear_scaling_batch = None
   s.max_batch = max_batch
   s.warmup_epochs = min(s.warmup_epochs, 0.5)
+  # Without linear scaling ε0 is learning_rate: start below it, still rising.
+  s.warmup_start_learning_rate = min(s.warmup_start_learning_rate,
+                                     s.learning_rate / 2)
   config.eval_every_epochs = 1.0
   config.eval_batch_size = 256
   config.log_every_steps = 5

@@ -121,6 +121,14 @@ def test_linear_scaling_rule():
   assert p.stages[0].learning_rate == pytest.approx(0.4)
 
 
+def test_linear_scaling_rule_uses_the_capped_batch_once():
+  # B0=800 capped to 400: ε = 0.1·400/100, the same ε/B as the uncapped 0.8/800.
+  p = build(kind="hybrid", learning_rate=0.1, batch_size=800,
+            linear_scaling_batch=100, max_batch=400)
+  assert p.stages[0].batch_size == 400
+  assert p.stages[0].learning_rate == pytest.approx(0.4)
+
+
 # (examples_seen, lr) with 1 epoch (10,000 examples) of warm-up to ε=0.1.
 WARMUP = [(0, 0.001), (100, 0.002), (4_900, 0.05), (9_900, 0.1), (10_000, 0.1),
           (50_000, 0.05)]
@@ -132,6 +140,19 @@ def test_warmup_is_linear_in_examples_seen():
   for examples, lr in WARMUP:
     assert p.learning_rate_at(examples) == pytest.approx(lr), examples
     assert p.at(examples).noise_scale == pytest.approx(g(lr, 0.9, 100))
+
+
+# The same warm-up from ε=0.02 (Goyal et al. start at the reference batch's ε).
+WARMUP_FROM = [(0, 0.0208), (100, 0.0216), (4_900, 0.06), (9_900, 0.1),
+               (10_000, 0.1), (50_000, 0.05)]
+
+
+def test_warmup_can_start_from_a_learning_rate():
+  p = build(kind="decay_lr", warmup_epochs=1.0, warmup_start_learning_rate=0.02)
+  for examples, lr in WARMUP_FROM:
+    assert p.learning_rate_at(examples) == pytest.approx(lr), examples
+  assert "warm-up 1 epochs from lr 0.02," in p.table()
+  assert p.to_json()["warmup_start_learning_rate"] == 0.02
 
 
 def test_stage_that_overshoots_its_milestone_shifts_the_next():
@@ -223,6 +244,11 @@ BAD = [
     (dict(reference_learning_rate=0.1, reference_momentum=0.9,
           linear_scaling_batch=256), "set only one"),
     (dict(max_batch=0), "schedule.max_batch=0 must be positive"),
+    (dict(warmup_start_learning_rate=-0.1),
+     "schedule.warmup_start_learning_rate=-0.1 must not be negative"),
+    (dict(warmup_start_learning_rate=0.2),
+     "schedule.warmup_start_learning_rate=0.2 exceeds the first stage's ε=0.1, "
+     "which warm-up rises to"),
     (dict(batch_size=20_000), "exceeds dataset.num_train_examples=10000"),
 ]
 
@@ -281,6 +307,9 @@ CLI_BAD = [
      "schedule.momentum=1.5 must be in [0, 1)"),
     (["--config=configs/fashion_mnist.py", "--num_devices=3"],
      "not divisible by the device count 3"),
+    (["--config=configs/imagenet_resnet50.py", "--num_devices=4"],
+     "max_device_batch=320 does not divide the per-device batch 2048 "
+     "(B=8192 over 4 devices)"),
     (["--config=configs/fashion_mnist.py:smok"], "unknown config variant 'smok'"),
     ([], "--config is required"),
 ]
@@ -302,3 +331,15 @@ def test_cli_config_without_get_config(tmp_path):
   r = run_cli(f"--config={bad}")
   assert r.returncode == 2
   assert r.stderr.strip() == f"error: --config={bad} does not define get_config()"
+
+
+def test_cli_stops_quietly_when_its_reader_goes_away():
+  # `trainer.plan ... | head -1`: the pipe is closed before the table is
+  # printed; the planner exits 1 with nothing on stderr, not a traceback.
+  p = subprocess.Popen(
+      [sys.executable, "-m", "trainer.plan", "--config=configs/fashion_mnist.py"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  p.stdout.close()
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 1
+  assert err == ""

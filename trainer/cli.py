@@ -6,6 +6,7 @@ never a traceback.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable, NoReturn
@@ -88,4 +89,9 @@ def run(main: Callable) -> None:
       fail(_first_line(e))
     except (AttributeError, KeyError) as e:  # A typo'd --config.field.
       fail(_unknown_field_message(argv, e))
-  app.run(main, flags_parser=parse)
+  try:
+    app.run(main, flags_parser=parse)
+  except BrokenPipeError:
+    # The reader went away (`... | head`): stop quietly, as other tools do.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)

@@ -6,6 +6,8 @@ No JAX here: the trainer's `StepCompiler` and the suite's time estimate
 """
 from __future__ import annotations
 
+from trainer import adaptive
+
 ACCUMULATION_MODES = ("host", "compiled")
 
 
@@ -42,6 +44,17 @@ def micro_batches(batch_size: int, num_devices: int, max_device_batch: int,
          f"max_device_batch={max_device_batch} does not divide the per-device "
          f"batch {per_device} (B={batch_size} over {num_devices} devices)")
   return per_device // max_device_batch
+
+
+def check_batch_sizes(config, plan, num_devices: int) -> None:
+  """Every global batch the run may use splits into whole micro-batches
+  over `num_devices` (with kind='adaptive', every size it may pick)."""
+  sizes = list(plan.batch_sizes)
+  if config.schedule.kind == "adaptive":
+    sizes = adaptive.allowed_batch_sizes(config.schedule, sizes[0])
+  for batch_size in sizes:
+    micro_batches(batch_size, num_devices, config.max_device_batch,
+                  config.ghost_batch_size)
 
 
 def step_key(batch_size: int, num_devices: int, max_device_batch: int,

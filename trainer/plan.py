@@ -27,6 +27,8 @@ import json
 import math
 from typing import Sequence
 
+from trainer import micro_batching
+
 SCHEDULE_KINDS = ("decay_lr", "increase_batch", "hybrid", "adaptive")
 ADAPTIVE_LR_RULES = ("constant", "linear")
 
@@ -82,6 +84,7 @@ class Plan:
   num_train_examples: int
   warmup_examples: int
   stages: tuple[Stage, ...]
+  warmup_start_learning_rate: float = 0.0  # ε where warm-up begins.
 
   @property
   def total_updates(self) -> int:
@@ -108,15 +111,18 @@ class Plan:
   def learning_rate_at(self, examples_seen: int) -> float:
     """ε for the step starting at `examples_seen`, linear warm-up included.
 
-    During warm-up the step that brings examples seen to x + B uses
-    ε · (x + B) / warmup_examples, so the step that completes warm-up is the
-    first at full ε.
+    Warm-up rises linearly in examples seen from ε_start
+    (`warmup_start_learning_rate`, 0 unless set) to ε: the step that brings
+    examples seen to x + B uses ε_start + (ε - ε_start) · (x + B) / W, W =
+    warmup_examples, so the step that completes warm-up is the first at
+    full ε.
     """
     stage = self.stage_at(examples_seen)
     if examples_seen >= self.warmup_examples:
       return stage.learning_rate
-    done = examples_seen + stage.batch_size
-    return stage.learning_rate * min(1.0, done / self.warmup_examples)
+    done = min(1.0, (examples_seen + stage.batch_size) / self.warmup_examples)
+    start = self.warmup_start_learning_rate
+    return start + (stage.learning_rate - start) * done
 
   def at(self, examples_seen: int) -> Position:
     """Everything the plan fixes for the step starting at `examples_seen`."""
@@ -151,6 +157,7 @@ class Plan:
         kind=self.kind,
         num_train_examples=self.num_train_examples,
         warmup_examples=self.warmup_examples,
+        warmup_start_learning_rate=self.warmup_start_learning_rate,
         stages=[dataclasses.asdict(s) for s in self.stages],
         total_updates=self.total_updates,
         total_examples=self.total_examples)
@@ -169,8 +176,11 @@ class Plan:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     warmup = self.warmup_examples / self.num_train_examples
+    start = (f" from lr {self.warmup_start_learning_rate:.4g}"
+             if self.warmup_start_learning_rate and warmup else "")
     lines.append(
-        f"{self.kind}: N={self.num_train_examples}, warm-up {warmup:g} epochs, "
+        f"{self.kind}: N={self.num_train_examples}, warm-up {warmup:g} "
+        f"epochs{start}, "
         f"total updates {self.total_updates}"
         + (" if B grows no further (B follows the measured noise scale)"
            if self.kind == "adaptive" else ""))
@@ -201,6 +211,9 @@ def _check_schedule(s, num_train_examples: int) -> None:
   _require(s.warmup_epochs <= s.num_epochs,
            f"schedule.warmup_epochs={s.warmup_epochs} exceeds "
            f"schedule.num_epochs={s.num_epochs}")
+  _require(s.warmup_start_learning_rate >= 0,
+           f"schedule.warmup_start_learning_rate={s.warmup_start_learning_rate} "
+           "must not be negative")
   # The adaptive schedule has no milestones (B follows the noise scale).
   m = [] if s.kind == "adaptive" else list(s.milestones_epochs)
   _require(all(a < b for a, b in zip(m, m[1:])),
@@ -254,9 +267,12 @@ def _initial_point(s, ghost_batch_size: int) -> tuple[int, float]:
              * (1 - s.reference_momentum) / (1 - s.momentum))
     batch = max(1, round(exact / ghost_batch_size)) * ghost_batch_size
   if s.max_batch is not None and batch > s.max_batch:
-    lr *= s.max_batch / batch  # Keep ε/B, hence g, at the cap.
+    if s.linear_scaling_batch is None:
+      lr *= s.max_batch / batch  # Keep ε/B, hence g, at the cap.
     batch = s.max_batch
   if s.linear_scaling_batch is not None:
+    # ε ∝ B already: the capped B0 alone sets it (scaling it for the cap as
+    # well would halve ε twice).
     lr *= batch / s.linear_scaling_batch
   return batch, lr
 
@@ -300,6 +316,9 @@ def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
            f"ghost_batch_size={ghost_batch_size} must be positive")
   _require(num_devices > 0, f"num_devices={num_devices} must be positive")
   batch, lr = _initial_point(s, ghost_batch_size)
+  _require(s.warmup_start_learning_rate <= lr,
+           f"schedule.warmup_start_learning_rate={s.warmup_start_learning_rate} "
+           f"exceeds the first stage's ε={lr:.4g}, which warm-up rises to")
   n = num_train_examples
   if s.kind == "adaptive":
     return _adaptive_plan(s, n, batch, lr, decisions or (), ghost_batch_size,
@@ -330,6 +349,7 @@ def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
     start_step += num_steps
   return Plan(kind=s.kind, num_train_examples=n,
               warmup_examples=math.ceil(s.warmup_epochs * n),
+              warmup_start_learning_rate=float(s.warmup_start_learning_rate),
               stages=tuple(stages))
 
 
@@ -365,6 +385,7 @@ def _adaptive_plan(s, n: int, batch0: int, lr0: float, decisions,
     start_step += num_steps
   return Plan(kind=s.kind, num_train_examples=n,
               warmup_examples=math.ceil(s.warmup_epochs * n),
+              warmup_start_learning_rate=float(s.warmup_start_learning_rate),
               stages=tuple(stages))
 
 
@@ -396,6 +417,10 @@ def main(argv: Sequence[str]) -> None:
   del argv
   config = cli.config()
   plan = cli.run_or_exit(plan_from_config, config, cli.FLAGS.num_devices)
+  # The trainer's other check of the device count: stages past
+  # max_device_batch per device must split into whole micro-batches.
+  cli.run_or_exit(micro_batching.check_batch_sizes, config, plan,
+                  cli.FLAGS.num_devices)
   print(plan.table())
   if cli.FLAGS.json:
     with open(cli.FLAGS.json, "w") as f:
