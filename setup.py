@@ -7,7 +7,7 @@ setuptools.setup(
     description=(
         "Data-parallel JAX/Flax trainer that anneals SGD noise by growing the "
         "batch (Smith et al., ICLR 2018)."),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10, flax and orbax need it
     packages=setuptools.find_packages(
         include=["trainer", "trainer.*", "models", "models.*",
                  "input_pipeline", "input_pipeline.*", "configs", "configs.*"]),

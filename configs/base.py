@@ -97,7 +97,8 @@ def get_base_config() -> config_dict.ConfigDict:
   config.bn_momentum_examples = 128
   # Largest per-device share computed at once; a larger share is split into
   # micro-batches of this size whose gradients are summed before one update.
-  # benchmarks/train_step.py --sweep finds the fastest size for a machine.
+  # benchmarks/train_step.py --max_device_batch=64,128,256 times sizes on a
+  # machine to find the fastest.
   config.max_device_batch = 256
   # Where micro-batches are summed. 'host': two compiled functions
   # (accumulate one micro-batch on each device, apply the update) called by

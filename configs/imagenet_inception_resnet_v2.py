@@ -3,7 +3,7 @@
     python -m trainer.plan --config=configs/imagenet_inception_resnet_v2.py
 
 ε=3, m=0.9, ghost batch 32; B 8192 → 81920 at epoch 30, then ε ÷10 at 60 and
-80. Paper: under 6k parameter updates against 14k for decaying ε (plan: 5,630).
+80. Paper: under 6k parameter updates against 14k for decaying ε (plan: 5,631).
 """
 from configs import imagenet
 

@@ -29,7 +29,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 # every array is replicated on every device, so a save sliced the train
 # state into hundreds of small slices: 5 s of compiling at a run's first
 # save, 0.23-0.37 s of dispatch in the step loop at each later one, for the
-# 40k-parameter default model on 8 CPU devices. Below this many bytes per
+# 20k-parameter default model on 8 CPU devices. Below this many bytes per
 # slice an array is written whole (0.04-0.1 s per save;
 # benchmarks/checkpoint_save.py); ResNet-50's largest kernel is 4 MiB.
 MIN_SLICE_BYTES = 1 << 20
