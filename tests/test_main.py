@@ -61,6 +61,9 @@ BAD = [
     ([SMOKE, "--config.checkpoint_every_minutes=-1.0"],
      "checkpoint_every_minutes=-1.0 must be ≥ 0 (0 turns the timer off)"),
     ([SMOKE, "--config.optimizer.name=lamb"], "optimizer.name='lamb' is unknown"),
+    ([SMOKE, "--config.optimizer.name=sgd"],
+     "optimizer.name='sgd' has no momentum but schedule.momentum=0.9: set "
+     "schedule.momentum=0.0, or optimizer.name='momentum'"),
     ([SMOKE, "--config.model.name=vgg"], "model.name"),
     ([SMOKE], "--workdir is required"),
 ]

@@ -35,6 +35,13 @@ def make_optimizer(opt_config, *, learning_rate: float,
     raise ValueError(f"optimizer.name={name!r} is unknown; choose one of "
                      f"{', '.join(OPTIMIZERS)}")
   if name == "sgd":
+    if momentum:
+      # The plan's noise scale ε/(1-m)·(N/B-1) would count a momentum the
+      # optimizer never applies.
+      raise ValueError(
+          f"optimizer.name='sgd' has no momentum but schedule.momentum="
+          f"{momentum:g}: set schedule.momentum=0.0, or optimizer.name="
+          "'momentum'")
     factory = lambda learning_rate: _with_weight_decay(
         optax.sgd(learning_rate), wd)
     return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
