@@ -146,6 +146,10 @@ def test_adaptive_run_grows_b_and_resumes_exactly(tmp_path, xla_cache):
     before = [d["batch_size"] for d in grown
               if d["examples_seen"] < t["examples_seen"]]
     assert t["batch_size"] == (before[-1] if before else 64)
+  # A decision ends a stage: its checkpoint is kept, as plan stages' are.
+  kept = checkpoint_steps(whole)
+  assert all(d["step"] in kept for d in grown), (kept, grown)
+  assert len(kept) > 3  # Not merely the latest checkpoints_to_keep=3.
 
   parts = str(tmp_path / "parts")
   with open(tmp_path / "parts.stderr", "w+", encoding="utf-8") as errors:

@@ -78,11 +78,24 @@ def _check_shapes(step: int, saved, abstract_state) -> None:
         f"config: {'; '.join(differ[:3])}{more}); use a new --workdir")
 
 
+class _KeptSteps:
+  """orbax's preservation policy for the steps in a set that may grow (an
+  adaptive run learns its stage boundaries as it decides them)."""
+
+  def __init__(self, steps):
+    self.steps = set(steps)
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
   """Saves every `every_steps` updates or `every_minutes`, and when forced.
 
   Keeps the latest `max_to_keep` checkpoints plus those at `keep_steps` (the
-  stage boundaries). `min_slice_bytes`: see `MIN_SLICE_BYTES`.
+  stage boundaries; `keep` adds more). `min_slice_bytes`: see
+  `MIN_SLICE_BYTES`.
   """
 
   def __init__(self, workdir: str, *, every_steps: int, every_minutes: float,
@@ -94,9 +107,9 @@ class Checkpointer:
     self._every_seconds = 60.0 * every_minutes
     self._clock = clock  # Seconds; injectable for tests.
     self._last_save = clock()
+    self._kept = _KeptSteps(keep_steps)
     policy = checkpoint_managers.AnyPreservationPolicy([
-        checkpoint_managers.LatestN(max_to_keep),
-        checkpoint_managers.CustomSteps(list(keep_steps))])
+        checkpoint_managers.LatestN(max_to_keep), self._kept])
     _register_array_handler(min_slice_bytes)
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -104,6 +117,10 @@ class Checkpointer:
             preservation_policy=policy, enable_async_checkpointing=True),
         item_handlers=dict(state=ocp.StandardCheckpointHandler(),
                            meta=ocp.JsonCheckpointHandler()))
+
+  def keep(self, steps) -> None:
+    """Also keeps the checkpoints at `steps`, from the next save on."""
+    self._kept.steps.update(steps)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -176,7 +176,7 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       workdir, every_steps=config.checkpoint_every_steps,
       every_minutes=config.checkpoint_every_minutes,
       max_to_keep=config.checkpoints_to_keep,
-      keep_steps=[s.start_step + s.num_steps for s in plan.stages])
+      keep_steps=_stage_ends(plan))
   examples_seen, wall_time, noise_state, decisions = 0, 0.0, None, []
   try:
     restored = checkpoints.restore(state)
@@ -193,6 +193,7 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
     decisions = [(int(x), int(b)) for x, b in meta.get("batch_decisions", [])]
     if decisions:
       plan = plan_lib.plan_from_config(config, mesh.size, decisions)
+      checkpoints.keep(_stage_ends(plan))
     if is_chief:
       print(f"resumed from step {int(state.step)} ({examples_seen} examples "
             f"seen) in {checkpoints.directory}", flush=True)
@@ -374,6 +375,11 @@ def _check_eval_batch(config, num_devices):
     raise compile_lib.ConfigError(
         f"eval_batch_size={b} must be a positive multiple of the device "
         f"count {num_devices}")
+
+
+def _stage_ends(plan) -> list[int]:
+  """The steps that end the plan's stages, whose checkpoints are kept."""
+  return [s.start_step + s.num_steps for s in plan.stages]
 
 
 def _check_intervals(config):
@@ -612,6 +618,7 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
           if batch != pos.batch_size:
             decisions.append((examples_seen, batch))
             plan = plan_lib.plan_from_config(config, mesh.size, decisions)
+            checkpoints.keep(_stage_ends(plan))
             replanned = save = True
         if evaluate_now:
           next_eval = (examples_seen // eval_every + 1) * eval_every
