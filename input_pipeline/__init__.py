@@ -6,6 +6,7 @@
       for batch in batches:  # image, label, examples_seen, step
         ...
 """
+from input_pipeline.batches import check_sources
 from input_pipeline.batches import eval_batches
 from input_pipeline.batches import train_batches
 from input_pipeline.errors import DataError
@@ -14,5 +15,5 @@ from input_pipeline.sources import eval_source
 from input_pipeline.sources import make_source
 from input_pipeline.sources import train_source
 
-__all__ = ["DataError", "Source", "eval_batches", "eval_source", "make_source",
+__all__ = ["DataError", "Source", "check_sources", "eval_batches", "eval_source", "make_source",
            "train_batches", "train_source"]

@@ -15,7 +15,7 @@ the devices; the model normalises them there (models/pixels.py).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -44,6 +44,14 @@ def _check_pipeline_config(d) -> None:
   if d.worker_processes < 0:
     raise DataError(f"dataset.worker_processes={d.worker_processes} must not "
                     "be negative (0: read in this process's threads)")
+
+
+def check_sources(config, sources_: Iterable[sources.Source]) -> None:
+  """DataError for a bad `config.dataset` field or a split whose first
+  example does not fit it: what reading batches would find, found first."""
+  _check_pipeline_config(config.dataset)
+  for source in sources_:
+    Reader(config, source, train=False)  # Reads and checks example 0.
 
 
 def _threads(d) -> int:

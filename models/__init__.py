@@ -49,6 +49,11 @@ def create_model(config) -> nn.Module:
   if m.dtype not in DTYPES:
     raise ValueError(
         f"unknown model.dtype {m.dtype!r}; choices: {', '.join(DTYPES)}")
+  if not isinstance(m.width, int) or m.width < 1:
+    raise ValueError(f"model.width must be a positive integer, got {m.width!r}")
+  if config.dataset.num_classes < 2:
+    raise ValueError(f"dataset.num_classes must be at least 2, got "
+                     f"{config.dataset.num_classes}")
   ghost_batch_size = config.ghost_batch_size
   if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
     raise ValueError(

@@ -61,6 +61,15 @@ BAD = [
     ([SMOKE, "--config.checkpoint_every_minutes=-1.0"],
      "checkpoint_every_minutes=-1.0 must be ≥ 0 (0 turns the timer off)"),
     ([SMOKE, "--config.optimizer.name=lamb"], "optimizer.name='lamb' is unknown"),
+    ([SMOKE, "--config.optimizer.weight_decay=-1.0"],
+     "optimizer.weight_decay=-1.0 must not be negative"),
+    ([SMOKE, "--config.model.width=0"], "model.width must be a positive integer, got 0"),
+    ([SMOKE, "--config.bn_momentum=1.5"], "bn_momentum must be in [0, 1), got 1.5"),
+    ([SMOKE, "--config.noise_scale_horizon_epochs=0.0"],
+     "noise_scale_horizon_epochs=0.0 must be positive"),
+    ([SMOKE, "--config.dataset.augment=flip"], "dataset.augment='flip' is unknown"),
+    (["--config=configs/fashion_mnist.py:smoke", "--config.dataset.image_size=32"],
+     "example 0 has an image of shape (28, 28, 1), not 32x32x1"),
     ([SMOKE, "--config.optimizer.name=sgd"],
      "optimizer.name='sgd' has no momentum but schedule.momentum=0.9: set "
      "schedule.momentum=0.0, or optimizer.name='momentum'"),
@@ -78,7 +87,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
   lines = r.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr
   assert "Traceback" not in r.stderr
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  assert not os.path.exists(tmp_path / "w")  # Refused before it is made.
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):

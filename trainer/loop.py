@@ -144,11 +144,14 @@ def train_and_evaluate(config, workdir: str,
   micro_batching.check_batch_sizes(config, plan, mesh.size)
   model = models.create_model(config)
   first = plan.stages[0]
+  models.running_stats_decay(first.batch_size, config.bn_momentum,
+                             config.bn_momentum_examples)
   tx = optimizer_lib.make_optimizer(config.optimizer,
                                     learning_rate=first.learning_rate,
                                     momentum=first.momentum)
   sources = dict(train=input_pipeline.train_source(config),
                  eval=input_pipeline.eval_source(config))
+  input_pipeline.check_sources(config, sources.values())
 
   workdir_lib.check_config(workdir, config, allow_config_change)
   workdir_lib.prepare(workdir)
@@ -383,8 +386,9 @@ def _stage_ends(plan) -> list[int]:
 
 
 def _check_intervals(config):
-  """How often the run logs, evaluates and saves: refused before any
-  work, not at the first step that divides by it."""
+  """How often the run logs, evaluates and saves, and the noise scale's
+  horizon: refused before any work, not at the first step that divides by
+  it."""
   for name in ("log_every_steps", "checkpoint_every_steps",
                "checkpoints_to_keep"):
     value = config[name]
@@ -393,6 +397,10 @@ def _check_intervals(config):
   if not config.eval_every_epochs > 0:
     raise compile_lib.ConfigError(
         f"eval_every_epochs={config.eval_every_epochs} must be positive")
+  if not config.noise_scale_horizon_epochs > 0:
+    raise compile_lib.ConfigError(
+        f"noise_scale_horizon_epochs={config.noise_scale_horizon_epochs} "
+        "must be positive")
   if not config.checkpoint_every_minutes >= 0:
     raise compile_lib.ConfigError(
         f"checkpoint_every_minutes={config.checkpoint_every_minutes} must be "

@@ -34,6 +34,8 @@ def make_optimizer(opt_config, *, learning_rate: float,
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer.name={name!r} is unknown; choose one of "
                      f"{', '.join(OPTIMIZERS)}")
+  if not wd >= 0:
+    raise ValueError(f"optimizer.weight_decay={wd} must not be negative")
   if name == "sgd":
     if momentum:
       # The plan's noise scale ε/(1-m)·(N/B-1) would count a momentum the
