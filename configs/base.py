@@ -242,3 +242,18 @@ def shrink_for_smoke(config, *, batch_size: int, max_batch: int | None = None,
   config.eval_batch_size = 256
   config.log_every_steps = 5
   config.checkpoint_every_steps = 20
+
+
+def unknown_fields(config, base=None, prefix="") -> list[tuple[str, list[str]]]:
+  """(field, its known siblings) for each field of `config` that
+  get_base_config() lacks: a typo in a config file (`--config.x` overrides
+  are checked by ml_collections itself)."""
+  base = get_base_config() if base is None else base
+  out = []
+  for key, value in config.items():
+    if key not in base:
+      out.append((prefix + key, list(base.keys())))
+    elif isinstance(value, config_dict.ConfigDict) and isinstance(
+        base[key], config_dict.ConfigDict):
+      out += unknown_fields(value, base[key], f"{prefix}{key}.")
+  return out

@@ -343,3 +343,19 @@ def test_cli_stops_quietly_when_its_reader_goes_away():
   _, err = p.communicate(timeout=120)
   assert p.returncode == 1
   assert err == ""
+
+
+def test_cli_config_file_with_a_misspelt_field(tmp_path):
+  # A config file may add fields (ml_collections allows it); a misspelt one
+  # would silently leave the real field at its default.
+  bad = tmp_path / "bad.py"
+  bad.write_text("from configs import fashion_mnist\n"
+                 "def get_config():\n"
+                 "  c = fashion_mnist.get_config()\n"
+                 "  c.schedule.batchsize = 64\n"
+                 "  return c\n")
+  r = run_cli(f"--config={bad}")
+  assert r.returncode == 2
+  assert r.stderr.strip() == (
+      f"error: --config={bad} sets 'schedule.batchsize', which is not a field "
+      "of configs/base.py (did you mean 'batch_size'?)")

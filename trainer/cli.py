@@ -6,6 +6,7 @@ never a traceback.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -14,6 +15,8 @@ from typing import Callable, NoReturn
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from configs import base
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,6 +44,13 @@ def config():
     value.keys()  # ml_collections defers config-file errors to first use.
   except Exception as e:  # pylint: disable=broad-except
     fail(f"--config={_config_path(sys.argv)}: {_first_line(e)}")
+  unknown = base.unknown_fields(value)
+  if unknown:
+    field, known = unknown[0]
+    close = difflib.get_close_matches(field.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    fail(f"--config={_config_path(sys.argv)} sets {field!r}, which is not a "
+         f"field of configs/base.py{hint}")
   return value
 
 

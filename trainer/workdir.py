@@ -13,6 +13,8 @@ import time
 
 from etils import epath
 
+from configs import base as base_config
+
 
 class WorkdirError(ValueError):
   """The workdir cannot be used by this run; the message says why."""
@@ -110,17 +112,29 @@ def without_host_fields(config) -> str:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """`field (old → new)` for every field that differs, sorted."""
+  """`field (old → new)` for every field that differs, sorted.
+
+  A field that `saved` lacks and `current` holds at configs/base.py's default
+  is no difference: a later version of this code added it, and its default
+  is what the saved run trained with.
+  """
   a, b = _flatten(saved), _flatten(current)
+  defaults = _flatten(json.loads(base_config.get_base_config().to_json()))
   return [f"{k} ({a.get(k)!r} → {b.get(k)!r})"
-          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+          and not (k not in a and k in defaults and b[k] == defaults[k])]
 
 
 def _saved_config(workdir: str):
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return None
-  return json.loads(path.read_text())
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise WorkdirError(
+        f"{path} is not valid JSON ({e}); it records the config this "
+        "workdir's run trained with: restore it, or use a new --workdir") from e
 
 
 def check_config(workdir: str, config, allow_change: bool = False) -> None:

@@ -1,0 +1,43 @@
+"""The workdir's config record: what a resume compares against."""
+import json
+
+import pytest
+
+from configs import base
+from trainer import workdir as workdir_lib
+
+
+def _json(config):
+  return json.loads(config.to_json())
+
+
+def test_a_field_added_since_the_run_at_its_default_is_no_difference():
+  """A workdir recorded before schedule.warmup_start_learning_rate existed
+  resumes under the same config; the field at another value is named."""
+  config = base.get_base_config()
+  saved = _json(config)
+  del saved["schedule"]["warmup_start_learning_rate"]
+  assert workdir_lib.config_differences(saved, _json(config)) == []
+  config.schedule.warmup_start_learning_rate = 0.05
+  assert workdir_lib.config_differences(saved, _json(config)) == [
+      "schedule.warmup_start_learning_rate (None → 0.05)"]
+  config.schedule.warmup_start_learning_rate = 0.0
+  config.seed = 3  # Present in both: named as before.
+  assert workdir_lib.config_differences(saved, _json(config)) == ["seed (0 → 3)"]
+
+
+def test_a_removed_field_is_a_difference():
+  config = base.get_base_config()
+  saved = _json(config)
+  saved["schedule"]["old_knob"] = 1
+  assert workdir_lib.config_differences(saved, _json(config)) == [
+      "schedule.old_knob (1 → None)"]
+
+
+def test_a_corrupt_config_record_is_named(tmp_path):
+  (tmp_path / "config.json").write_text('{"seed": 0,\n')
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check_config(str(tmp_path), base.get_base_config())
+  assert str(e.value).startswith(f"{tmp_path}/config.json is not valid JSON (")
+  assert str(e.value).endswith("; it records the config this workdir's run "
+                               "trained with: restore it, or use a new --workdir")
