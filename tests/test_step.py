@@ -261,3 +261,42 @@ def test_micro_batch_counts():
 ])
 def test_step_keys(batch_size, accumulation, want):
   assert micro_batching.step_key(batch_size, 8, 16, 8, accumulation) == want
+
+
+@pytest.mark.parametrize("closed_first", [False, True])
+def test_background_compile_failure_is_reported_while_the_run_lasts(
+    capsys, closed_first):
+  """A background compile that fails says so at once; one that fails after
+  the run has ended (its metrics file closed under it) says nothing."""
+  import threading
+  config = tiny_config()
+  model = models.create_model(config)
+  tx = optimizer_lib.make_optimizer(config.optimizer, learning_rate=0.1,
+                                    momentum=0.9)
+  mesh = mesh_lib.make_mesh()
+  state = loop.create_train_state(config, model, tx, mesh, seed=0)
+  go = threading.Event()
+
+  def on_compiled(batch_size, *_):
+    if batch_size == 2 * B:
+      go.wait(60)
+      raise ValueError("I/O operation on closed file.")
+
+  compiler = compile_lib.StepCompiler(
+      mesh=mesh, model=model, tx=tx, abstract_state=compile_lib.abstract(state),
+      image_shape=(16, 16, 1), max_device_batch=16, ghost_batch_size=8,
+      accumulation="host", on_compiled=on_compiled)
+  compiler.start([B, 2 * B])  # 2B: its own functions, in the background.
+  background = compiler._futures[compiler._key(2 * B)]
+  if closed_first:
+    compiler.close()
+  go.set()
+  assert str(background.exception(timeout=120)) == (
+      "I/O operation on closed file.")
+  compiler.close()
+  err = capsys.readouterr().err
+  if closed_first:
+    assert "did not compile" not in err
+  else:
+    assert err.startswith(f"warning: the step for B={2 * B} did not compile: "
+                          "I/O operation on closed file.; the run will stop")

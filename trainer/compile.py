@@ -199,6 +199,7 @@ class StepCompiler:
     self._futures: dict[int, concurrent.futures.Future] = {}
     self._steps = {}  # Batch size -> its step callable, once compiled.
     self._lock = threading.Lock()
+    self._closed = False  # Set by close(): the run is over.
     self._pool = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="compile")
 
@@ -384,11 +385,13 @@ class StepCompiler:
             f"arrays; lower max_device_batch (now {self._max_device_batch}) "
             "to run it as more, smaller micro-batches")
 
-  @staticmethod
-  def _warn_if_failed(batch_size, future) -> None:
+  def _warn_if_failed(self, batch_size, future) -> None:
     """Says at once that a background compile failed (the run stops only
-    when it reaches that batch size, hours later on ImageNet)."""
-    if future.cancelled() or future.exception() is None:
+    when it reaches that batch size, hours later on ImageNet). Not once the
+    run has ended: a compile still running then fails on the closed
+    metrics file, and nothing will use it."""
+    if (self._closed or future.cancelled()
+        or future.exception() is None):
       return
     error = future.exception()
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -448,4 +451,5 @@ class StepCompiler:
                             device_batch=batch_size // n // k, **compiled)
 
   def close(self) -> None:
+    self._closed = True
     self._pool.shutdown(wait=False, cancel_futures=True)
