@@ -6,6 +6,9 @@ import shutil
 import signal
 import subprocess
 
+import pytest
+
+from trainer import preemption
 
 from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state,
                             checkpoint_steps, command, final_state, run)
@@ -57,10 +60,32 @@ def test_killed_and_preempted_run_ends_bitwise_equal(tmp_path, xla_cache,
   assert rc == -signal.SIGKILL
   assert f"resumed from step {before}" in out
 
+  # Ctrl-C is a preemption too: the step in progress is saved.
+  rc, out = run_until(workdir, xla_cache, 20, signal.SIGINT)
+  assert rc == 0, out[-2000:]
+  saved = int(re.search(r"interrupted: saved step (\d+)", out).group(1))
+  assert saved >= 20 and checkpoint_steps(workdir)[-1] == saved
+
   r = run(workdir, xla_cache)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from step" in r.stdout
   assert_same_state(final_state(tiny_reference), final_state(workdir))
+
+
+def test_a_second_ctrl_c_stops_at_once(capsys):
+  watcher = preemption.PreemptionWatcher()
+  try:
+    assert not watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert watcher.should_stop(1) and watcher.reason == "interrupted"
+    assert capsys.readouterr().err == (
+        "interrupted: saving at the end of this step, then stopping "
+        "(Ctrl-C again stops at once)\n")
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    watcher.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, xla_cache,

@@ -243,8 +243,9 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
     checkpoints.close()  # Waits for the last save; raises if it failed.
   if is_chief:
     if final["preempted"]:
-      print(f"preempted: saved step {final['step']} in {checkpoints.directory}; "
-            "rerun the same command to resume", flush=True)
+      print(f"{preemption.reason}: saved step {final['step']} in "
+            f"{checkpoints.directory}; rerun the same command to resume",
+            flush=True)
     print(f"done: metrics in {writer.path}, checkpoints in "
           f"{checkpoints.directory}", flush=True)
   return final

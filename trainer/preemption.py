@@ -2,11 +2,13 @@
 
 On a multi-process run JAX's distributed runtime catches SIGTERM itself, and
 `reached_preemption_sync_point` makes every process agree on the step to save
-at. A single process installs its own handler.
+at. A single process installs its own handler, and treats Ctrl-C (SIGINT)
+the same way; a second Ctrl-C stops at once, saving nothing more.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import jax
@@ -18,13 +20,21 @@ class PreemptionWatcher:
 
   def __init__(self):
     self._requested = False
-    self._previous = None
+    self.reason = "preempted"
+    self._previous = {}
     if (jax.process_count() == 1
         and threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._on_signal)
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      if self._requested:
+        raise KeyboardInterrupt  # The second Ctrl-C: stop now.
+      self.reason = "interrupted"
+      print("interrupted: saving at the end of this step, then stopping "
+            "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
     self._requested = True
 
   def should_stop(self, step: int) -> bool:
@@ -34,5 +44,7 @@ class PreemptionWatcher:
     return self._requested
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if previous is not None:  # None: not installed from Python.
+        signal.signal(signum, previous)
+    self._previous = {}
