@@ -36,8 +36,13 @@ Subcommands:
            (PYTHON-venv is apt-installed if venv fails), and
            \`pip install -e ~/${REMOTE_DIR}[gcs] JAX_PACKAGE -f LIBTPU_URL\`
            (JAX's version range comes from setup.py).
-  train    Start \`python -m trainer.main --multihost --config=CONFIG --workdir=WORKDIR
-           [--config.FIELD=VALUE ...]\` under nohup on all workers at once
+  train    First, on this machine, plan the config with its overrides
+           (\`python -m trainer.plan --num_devices=\` the slice's devices,
+           with \$LOCAL_PYTHON, default python3; skipped with a note if it
+           cannot import the project): a config that cannot run stops here,
+           before create. Then start \`python -m trainer.main --multihost
+           --config=CONFIG --workdir=WORKDIR [--config.FIELD=VALUE ...]\`
+           under nohup on all workers at once
            (tpu-vm ssh --worker=all). Each worker appends the output to
            ~/$REMOTE_LOG and keeps the trainer's pid in
            ~/$REMOTE_PID; a worker where training still runs refuses
@@ -134,6 +139,8 @@ queued=0
 poll_seconds=60
 ref="HEAD"
 python="python3.11"
+# This machine's Python, for checking the config before anything is created.
+local_python="${LOCAL_PYTHON:-python3}"
 jax_package="jax[tpu]"
 libtpu_url="$DEFAULT_LIBTPU_URL"
 config=""
@@ -210,6 +217,43 @@ default_runtime_version() {
   esac
 }
 
+# slice_shape ACCELERATOR: "DEVICES HOSTS", the devices JAX sees on the
+# slice (TensorCores on v2/v3; chips elsewhere, a v4 or v5p chip being one
+# megacore device) and its hosts; fails for a name it does not know.
+slice_shape() {
+  local kind="${1%-*}" n="${1##*-}"
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || return 1
+  case "$kind" in
+    v2 | v3) echo "$n $(((n + 7) / 8))" ;;
+    v4 | v5p) echo "$((n / 2)) $(((n / 2 + 3) / 4))" ;;
+    v5litepod | v6e) echo "$n $(((n + 7) / 8))" ;;
+    *) return 1 ;;
+  esac
+}
+
+# The planner, run here: a config or override that cannot run fails in
+# seconds, not on every worker after the slice is paid for. It needs this
+# project's dependencies on this machine; without them the workers check.
+check_config() {
+  local shape devices=() error
+  if shape="$(slice_shape "$accelerator")"; then
+    devices=("--num_devices=${shape%% *}")
+  fi
+  if ! (cd "$REPO_ROOT" && "$local_python" -c "import trainer.plan" 2>/dev/null); then
+    note "not checking --config here: $local_python cannot import trainer.plan (pip install -e $REPO_ROOT)"
+    return 0
+  fi
+  if ! error="$(cd "$REPO_ROOT" && "$local_python" -m trainer.plan "--config=$config" \
+    ${overrides[@]+"${overrides[@]}"} ${devices[@]+"${devices[@]}"} 2>&1 >/dev/null)"; then
+    error="${error##*$'\n'}"
+    echo "$PROG: error: trainer.plan refused the config: ${error#error: }" >&2
+    exit 2
+  fi
+  if [[ -n "$shape" && "${shape##* }" -gt 1 && "$workdir" != *://* ]]; then
+    note "warning: --workdir=$workdir is on each worker's own disk; the ${shape##* } hosts of $accelerator need one they share (gs://BUCKET/...) unless that path is a shared mount"
+  fi
+}
+
 require() {  # require VALUE OPTION: OPTION is needed by the subcommand.
   [[ -n "$1" ]] || usage_error "$2 is required by $subcommand"
 }
@@ -246,6 +290,12 @@ validate() {
     require "$workdir" --workdir
     [[ -f "$REPO_ROOT/${config%%:*}" ]] ||
       usage_error "--config=$config: no such file in $REPO_ROOT"
+    local flag
+    for flag in ${trainer_flags[@]+"${trainer_flags[@]}"}; do
+      [[ "$flag" != --dry_run* ]] ||
+        usage_error "--dry_run after -- would go to trainer.main, and the commands would run; put it before --"
+    done
+    check_config
   fi
 }
 

@@ -27,7 +27,7 @@ TRAIN_ARGS = ["--config=configs/imagenet_resnet50.py",
               "--workdir=gs://my-bucket/runs/rn50"]
 # Overrides that break naive quoting: spaces, both quotes, $, backquotes.
 TRICKY = ["--config.dataset.data_dir=gs://my-bucket/tfds dir",
-          "--config.schedule.kind=it's \"quoted\" $HOME `date` \\ *"]
+          "--config.dataset.train_split=it's \"quoted\" $HOME `date` \\ *"]
 
 FAKE_GCLOUD = """#!{python}
 import json, os, shutil, sys
@@ -506,6 +506,9 @@ BAD = [
     (["logs", *BASE, "extra"], "unexpected argument 'extra' after subcommand logs"),
     (["create", *BASE, "--accelerator=v4-8", "--queued", "--poll_seconds=soon"],
      "--poll_seconds=soon must be a whole number"),
+    (["train", *BASE, *TRAIN_ARGS, "--", "--dry_run"],
+     "--dry_run after -- would go to trainer.main, and the commands would "
+     "run; put it before --"),
 ]
 
 
@@ -523,6 +526,47 @@ def test_bad_argument_is_one_line_and_exit_2(fake, args, message):
   assert lines[0].startswith("launch_tpu.sh: error: ") and message in lines[0]
   assert lines[0].endswith("(see ./launch_tpu.sh --help)")
   assert r.stdout == "" and fake.calls() == []
+
+
+# A config the trainer would refuse on every worker is refused here, by the
+# planner, before anything is created.
+CONFIG_BAD = [
+    (["all", *BASE, "--accelerator=v4-256", *TRAIN_ARGS,
+      "--config.schedule.kindd=x"],
+     "--config.schedule.kindd: 'kindd' is not a config field (did you mean 'kind'?)"),
+    (["all", *BASE, "--accelerator=v4-8", *TRAIN_ARGS],  # 4 devices.
+     "max_device_batch=320 does not divide the per-device batch 2048 "
+     "(B=8192 over 4 devices)"),
+    (["train", *BASE, "--config=configs/fashion_mnist.py:smok",
+      "--workdir=gs://b/w"], "unknown config variant 'smok'; known: smoke"),
+]
+
+
+@pytest.mark.parametrize("args,message", CONFIG_BAD, ids=[m for _, m in CONFIG_BAD])
+def test_config_the_planner_refuses_stops_before_create(fake, args, message):
+  r = fake.run(*args)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr == (
+      f"launch_tpu.sh: error: trainer.plan refused the config: {message}\n")
+  assert r.stdout == "" and fake.calls() == []
+
+
+def test_config_check_is_skipped_with_a_note_without_the_project(fake):
+  fake.env["LOCAL_PYTHON"] = "false"
+  r = ok(fake.run("create", *BASE, "--accelerator=v4-8"))  # No config: none.
+  assert "not checking" not in r.stderr
+  r = ok(fake.run("train", *BASE, *TRAIN_ARGS, "--config.schedule.kindd=x"))
+  assert ("launch_tpu.sh: not checking --config here: false cannot import "
+          "trainer.plan") in r.stderr
+
+
+def test_a_local_workdir_on_several_hosts_is_warned_about(fake):
+  args = ["--config=configs/fashion_mnist.py", "--workdir=/tmp/run", "--dry_run"]
+  r = ok(fake.run("all", *BASE, "--accelerator=v4-16", *args))  # 2 hosts.
+  assert ("launch_tpu.sh: warning: --workdir=/tmp/run is on each worker's own "
+          "disk; the 2 hosts of v4-16 need one they share") in r.stderr
+  r = ok(fake.run("all", *BASE, "--accelerator=v4-8", *args))  # 1 host.
+  assert "warning: --workdir" not in r.stderr
 
 
 def test_help_documents_every_option_and_subcommand(fake):

@@ -283,6 +283,14 @@ def run_cli(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+def test_cli_checks_micro_batches_only_for_a_device_count_it_is_given():
+  # One device would take all 8192 examples, which 320 does not divide; with
+  # no --num_devices the plan is of the schedule alone.
+  r = run_cli("--config=configs/imagenet_resnet50.py")
+  assert r.returncode == 0, r.stderr
+  assert "total updates 5631" in r.stdout
+
+
 def test_cli_prints_table_and_writes_json(tmp_path):
   out = tmp_path / "plan.json"
   r = run_cli("--config=configs/cifar10_increase_batch.py", f"--json={out}",

@@ -64,8 +64,10 @@ def run_or_exit(fn: Callable, *args, **kwargs):
 
 def _first_line(error: BaseException) -> str:
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-  # ml_collections wraps config-file errors in a traceback; keep its last line.
-  return lines[-1] if lines else type(error).__name__
+  # ml_collections wraps config-file errors in a traceback; keep its last
+  # line, without the name of a ValueError (the config's own message).
+  return (lines[-1].removeprefix("ValueError: ") if lines
+          else type(error).__name__)
 
 
 def _unknown_field_message(argv, error) -> str:

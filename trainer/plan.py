@@ -417,10 +417,11 @@ def main(argv: Sequence[str]) -> None:
   del argv
   config = cli.config()
   plan = cli.run_or_exit(plan_from_config, config, cli.FLAGS.num_devices)
-  # The trainer's other check of the device count: stages past
-  # max_device_batch per device must split into whole micro-batches.
-  cli.run_or_exit(micro_batching.check_batch_sizes, config, plan,
-                  cli.FLAGS.num_devices)
+  if cli.FLAGS["num_devices"].present:
+    # The trainer's other check of the device count: stages past
+    # max_device_batch per device must split into whole micro-batches.
+    cli.run_or_exit(micro_batching.check_batch_sizes, config, plan,
+                    cli.FLAGS.num_devices)
   print(plan.table())
   if cli.FLAGS.json:
     with open(cli.FLAGS.json, "w") as f:
