@@ -214,6 +214,12 @@ def bad_inputs(tmp_path):
       compile_seconds=1.0)])
   bare = tmp_path / "bare"
   bare.mkdir()
+  # Two experiments whose workdirs share a basename: not seeds of one.
+  run_a = write_run(tmp_path / "a" / "run", train_records(DECAY, 4), "decay_lr")
+  run_b = write_run(tmp_path / "b" / "run", train_records(INCREASE, 4),
+                    "increase_batch")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
   return [
       ([str(tmp_path / "missing")], f"run directory {tmp_path}/missing does "
        "not exist"),
@@ -228,6 +234,11 @@ def bad_inputs(tmp_path):
       ([good, "--target_accuracy", "90"], "--target_accuracy=90 must be a "
        "fraction in (0, 1]"),
       ([good, "--out"], "argument --out: expected one argument"),
+      ([run_a, run_b], f"{run_a} and {run_b} share the label 'run' but not "
+       "their config (schedule.kind ('decay_lr' → 'increase_batch')); seeds "
+       "of one experiment are averaged: give each experiment its own --labels"),
+      ([good, "--out", f"{a_file}/report"],
+       f"--out={a_file}/report: Not a directory"),
   ]
 
 
@@ -244,6 +255,16 @@ def test_bad_input_is_one_line(tmp_path):
     assert lines[0].startswith("error: ") and message in lines[0], (
         args, lines[0])
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_last_line_cut_by_a_kill_is_skipped(tmp_path, capsys):
+  records = train_records(DECAY, 4)
+  path = os.path.join(write_run(tmp_path / "cut", records), "metrics.jsonl")
+  with open(path, "a") as f:
+    f.write('{"kind": "train", "st')
+  assert report.read_records(path) == records
+  assert capsys.readouterr().err == (
+      f"warning: {path} line {len(records) + 1} is incomplete; skipped\n")
 
 
 def test_noise_scale_figure_only_for_runs_that_measured_it(tmp_path):

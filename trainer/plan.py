@@ -192,7 +192,20 @@ def _require(ok: bool, message: str) -> None:
     raise PlanError(message)
 
 
+def _check_numbers(s) -> None:
+  """Every number of the schedule is a finite int or float."""
+  for key, value in s.items():
+    if key in ("kind", "adaptive_lr_rule") or value is None:
+      continue
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    _require(all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and math.isfinite(v) for v in items),
+             f"schedule.{key}={value!r} must be "
+             + ("finite numbers" if items is value else "a finite number"))
+
+
 def _check_schedule(s, num_train_examples: int) -> None:
+  _check_numbers(s)
   _require(s.kind in SCHEDULE_KINDS,
            f"schedule.kind={s.kind!r} is unknown; choose one of "
            f"{', '.join(SCHEDULE_KINDS)}")
@@ -422,10 +435,14 @@ def main(argv: Sequence[str]) -> None:
     # max_device_batch per device must split into whole micro-batches.
     cli.run_or_exit(micro_batching.check_batch_sizes, config, plan,
                     cli.FLAGS.num_devices)
+  if cli.FLAGS.json:
+    try:
+      with open(cli.FLAGS.json, "w") as f:
+        json.dump(plan.to_json(), f, indent=2)
+    except OSError as e:
+      cli.fail(f"--json={cli.FLAGS.json}: {e.strerror or e}")
   print(plan.table())
   if cli.FLAGS.json:
-    with open(cli.FLAGS.json, "w") as f:
-      json.dump(plan.to_json(), f, indent=2)
     print(f"wrote {cli.FLAGS.json}")
 
 

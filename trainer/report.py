@@ -30,6 +30,8 @@ import typing
 
 import numpy as np
 
+from trainer import workdir as workdir_lib
+
 FIGURES = ("accuracy_vs_epochs.png", "loss_vs_epochs.png",
            "accuracy_vs_updates.png", "accuracy_vs_time.png", "schedule.png")
 _REQUIRED = dict(
@@ -52,6 +54,7 @@ class Run:
   schedule: str | None  # config.json's schedule.kind, when there is one.
   train: list[dict]
   evals: list[dict]
+  config: dict | None = None  # config.json, when there is one.
 
   def train_seconds(self) -> np.ndarray | None:
     """Training time (s) at each train record; None if it cannot be known."""
@@ -93,24 +96,30 @@ def read_records(path: str) -> list[dict]:
   """
   latest = {}
   with open(path, encoding="utf-8", errors="replace") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
+    lines = f.readlines()
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines) and not line.endswith("\n"):
+        # Cut off by a kill mid-write (the writer drops it on resume).
+        print(f"warning: {path} line {number} is incomplete; skipped",
+              file=sys.stderr)
         continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ReportError(f"{path} line {number}: not valid JSON ({e.msg})")
-      if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
-              and isinstance(record.get("step"), int)):
-        raise ReportError(f"{path} line {number}: not a record with a 'kind' "
-                          "and an integer 'step'")
-      kind = record.get("kind")
-      missing = [k for k in _REQUIRED.get(kind, ())
-                 if not isinstance(record.get(k), (int, float))]
-      if missing:
-        raise ReportError(f"{path} line {number}: {kind} record lacks "
-                          f"{', '.join(missing)}")
-      latest[(kind, record["step"])] = record
+      raise ReportError(f"{path} line {number}: not valid JSON ({e.msg})")
+    if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
+            and isinstance(record.get("step"), int)):
+      raise ReportError(f"{path} line {number}: not a record with a 'kind' "
+                        "and an integer 'step'")
+    kind = record.get("kind")
+    missing = [k for k in _REQUIRED.get(kind, ())
+               if not isinstance(record.get(k), (int, float))]
+    if missing:
+      raise ReportError(f"{path} line {number}: {kind} record lacks "
+                        f"{', '.join(missing)}")
+    latest[(kind, record["step"])] = record
   if not latest:
     raise ReportError(f"{path} is empty")
   return sorted(latest.values(), key=lambda r: r["step"])
@@ -129,22 +138,40 @@ def load_run(workdir: str, label: str | None = None) -> Run:
   evals = [r for r in records if r.get("kind") == "eval"]
   if not train and not evals:
     raise ReportError(f"{path} has no train or eval records")
-  schedule = None
+  schedule = config = None
   config_path = os.path.join(workdir, "config.json")
   if os.path.isfile(config_path):
     try:
       with open(config_path, encoding="utf-8") as f:
-        schedule = json.load(f).get("schedule", {}).get("kind")
+        config = json.load(f)
+      schedule = config.get("schedule", {}).get("kind")
     except (json.JSONDecodeError, AttributeError) as e:
       raise ReportError(f"{config_path}: not a JSON config ({e})")
-  return Run(workdir, label or default_label(workdir), schedule, train, evals)
+  return Run(workdir, label or default_label(workdir), schedule, train, evals,
+             config)
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-  """Runs by label, in order of first appearance."""
+  """Runs by label, in order of first appearance. ReportError if runs of
+  one label (averaged as seeds of one experiment) differ in more than the
+  seed."""
   groups = {}
   for run in runs:
     groups.setdefault(run.label, []).append(run)
+  for label, group in groups.items():
+    first = group[0]
+    for run in group[1:]:
+      if first.config is None or run.config is None:
+        continue
+      differ = [d for d in workdir_lib.training_differences(first.config,
+                                                             run.config)
+                if not d.startswith("seed (")]
+      if differ:
+        raise ReportError(
+            f"{first.workdir} and {run.workdir} share the label {label!r} "
+            f"but not their config ({', '.join(differ[:3])}"
+            f"{', …' if len(differ) > 3 else ''}); seeds of one experiment "
+            "are averaged: give each experiment its own --labels")
   return groups
 
 
@@ -454,13 +481,19 @@ def main(argv=None) -> None:
     runs = [load_run(d, label) for d, label in zip(args.run_dirs, labels)]
   except (ReportError, OSError) as e:
     _fail(str(e))
+  try:
+    groups = group_runs(runs)
+  except ReportError as e:
+    _fail(str(e))
   for run in runs:
     if not run.evals:
       print(f"warning: {run.workdir} has no eval records; its accuracy "
             "columns are empty", file=sys.stderr)
-  groups = group_runs(runs)
   table = markdown_table(groups, args.target_accuracy)
-  os.makedirs(args.out, exist_ok=True)
+  try:
+    os.makedirs(args.out, exist_ok=True)
+  except OSError as e:
+    _fail(f"--out={args.out}: {e.strerror or e}")
   figures = draw_figures(groups, args.out, band=not args.no_band)
   with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
     f.write("# Run comparison\n\n" + table + "\n" +

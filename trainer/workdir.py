@@ -125,6 +125,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           and not (k not in a and k in defaults and b[k] == defaults[k])]
 
 
+def training_differences(a: dict, b: dict) -> list[str]:
+  """config_differences of two configs (as JSON dicts) but HOST_FIELDS."""
+  return config_differences(_without_host_fields(a), _without_host_fields(b))
+
+
 def _saved_config(workdir: str):
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
@@ -147,9 +152,7 @@ def check_config(workdir: str, config, allow_change: bool = False) -> None:
   saved = _saved_config(workdir)
   if saved is None or allow_change:
     return
-  differ = config_differences(
-      _without_host_fields(saved),
-      _without_host_fields(json.loads(config.to_json())))
+  differ = training_differences(saved, json.loads(config.to_json()))
   if differ:
     shown = ", ".join(differ[:5])
     more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
