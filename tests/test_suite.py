@@ -285,6 +285,7 @@ def test_dry_run_estimate_fits_the_hour_and_trains_nothing(tmp_path, capsys):
     (["--out", "x", "--only", "nope"], "--only: unknown experiment(s) nope"),
     (["--out", "x", "--only", ","], "--only names no experiment"),
     (["--out", "x", "--target_accuracy", "90"], "must be a fraction"),
+    (["--out", "setup.py", "--dry_run"], "--out=setup.py exists and is not a directory"),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):
   assert suite.main(argv) == 2

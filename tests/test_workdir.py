@@ -41,3 +41,11 @@ def test_a_corrupt_config_record_is_named(tmp_path):
   assert str(e.value).startswith(f"{tmp_path}/config.json is not valid JSON (")
   assert str(e.value).endswith("; it records the config this workdir's run "
                                "trained with: restore it, or use a new --workdir")
+
+
+def test_a_workdir_that_is_a_file_is_named_as_such(tmp_path):
+  a_file = tmp_path / "run"
+  a_file.write_text("")
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=f"^workdir {a_file} is a file, not a directory$"):
+    workdir_lib.prepare(str(a_file))

@@ -291,6 +291,8 @@ def parse_args(argv):
   if not 0 < args.target_accuracy <= 1:
     raise SuiteError(f"--target_accuracy={args.target_accuracy:g} must be a "
                      "fraction in (0, 1]")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise SuiteError(f"--out={args.out} exists and is not a directory")
   if args.only is not None:
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     if not args.only:

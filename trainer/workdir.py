@@ -26,8 +26,10 @@ def is_remote(path: str) -> bool:
 
 def prepare(workdir: str) -> None:
   """Creates `workdir` and checks that it is writable."""
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f"workdir {workdir} is a file, not a directory")
   try:
-    path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_test_{os.getpid()}"
     probe.write_text("ok")
