@@ -15,5 +15,5 @@ from input_pipeline.sources import eval_source
 from input_pipeline.sources import make_source
 from input_pipeline.sources import train_source
 
-__all__ = ["DataError", "Source", "check_sources", "eval_batches", "eval_source", "make_source",
-           "train_batches", "train_source"]
+__all__ = ["DataError", "Source", "check_sources", "eval_batches",
+           "eval_source", "make_source", "train_batches", "train_source"]

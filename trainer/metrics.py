@@ -1,7 +1,8 @@
 """Run records: `metrics.jsonl` (one JSON object per line) and TensorBoard.
 
 Only process 0 writes. Each record has a `kind` (`train`, `eval`, `compile`,
-`batch_decision`) and its fields; numeric fields also go to TensorBoard under `<kind>/<name>`.
+`batch_decision`) and its fields; numeric fields also go to TensorBoard under
+`<kind>/<name>`.
 Object stores cannot append, so for a remote workdir (`gs://...`) the file is
 kept in a local copy and uploaded whole at every `sync()` (the loop calls it
 with each checkpoint) and on close.
