@@ -139,6 +139,34 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path, xla_cache,
   assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
+@pytest.mark.parametrize("overrides,problem", [
+    # B=64 throughout: the plan's step 28 comes 1,280 examples earlier.
+    (["--config.schedule.kind=decay_lr"],
+     "does not fit this config's plan, whose step 28 starts at 1792 examples: "
+     "its stages before the checkpoint differ; change the schedule only after "
+     "the checkpoint's position, or use a new --workdir"),
+    (["--config.schedule.decay_factor=4.0"],  # 16 + 4 + 1 updates.
+     "does not fit this config's plan, whose step 28 does not exist: its "
+     "stages before the checkpoint differ;"),
+    (["--config.schedule.num_epochs=2.5"],
+     "is past the end of this config's plan (2560 examples, 26 updates)"),
+])
+def test_schedule_changed_before_the_checkpoint_is_refused(
+    tmp_path, xla_cache, tiny_reference, overrides, problem):
+  """--allow_config_change may not renumber the saved updates: refused
+  before the config record is rewritten or anything compiles."""
+  workdir = str(tmp_path / "rescheduled")
+  shutil.copytree(tiny_reference, workdir)
+  config_before = open(os.path.join(workdir, "config.json")).read()
+  r = run(workdir, xla_cache, *overrides, "--allow_config_change")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      f"error: the checkpoint at step 28 (3072 examples seen) in "
+      f"{workdir}/checkpoints {problem}")
+  assert open(os.path.join(workdir, "config.json")).read() == config_before
+  assert "compiled" not in r.stdout
+
+
 def test_unwritable_workdir(tmp_path, xla_cache):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
@@ -153,13 +181,30 @@ def test_allow_config_change_resumes_and_keeps_the_old_record(tmp_path,
                                                              tiny_reference):
   workdir = str(tmp_path / "changed")
   shutil.copytree(tiny_reference, workdir)
-  r = run(workdir, xla_cache, "--config.log_every_steps=2")
+  r = run(workdir, xla_cache, "--config.optimizer.weight_decay=0.001")
   assert r.returncode == 2
-  assert "log_every_steps (1 → 2)" in r.stderr.strip().splitlines()[-1]
-  r = run(workdir, xla_cache, "--config.log_every_steps=2",
+  assert ("optimizer.weight_decay (0.0005 → 0.001)"
+          in r.stderr.strip().splitlines()[-1])
+  r = run(workdir, xla_cache, "--config.optimizer.weight_decay=0.001",
           "--allow_config_change")
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"resumed from step {TOTAL_STEPS}" in r.stdout
   archived = [f for f in os.listdir(workdir) if re.fullmatch(r"config\.\d+\.json", f)]
   assert len(archived) == 1
-  assert '"log_every_steps": 2' in open(os.path.join(workdir, "config.json")).read()
+  assert '"weight_decay": 0.001' in open(os.path.join(workdir, "config.json")).read()
+
+
+def test_log_checkpoint_and_eval_cadence_may_change_on_resume(
+    tmp_path, xla_cache, tiny_reference):
+  """HOST_FIELDS need no --allow_config_change: preempted at step 12 and
+  resumed logging, saving and evaluating at other intervals, the run ends
+  bitwise equal to the uninterrupted one."""
+  workdir = str(tmp_path / "cadence")
+  rc, out = run_until(workdir, xla_cache, 12, signal.SIGTERM)
+  assert rc == 0, out[-2000:]
+  r = run(workdir, xla_cache, "--config.log_every_steps=3",
+          "--config.checkpoint_every_steps=7", "--config.checkpoints_to_keep=2",
+          "--config.eval_every_epochs=0.5")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resumed from step" in r.stdout and "step 15/" in r.stdout
+  assert_same_state(final_state(tiny_reference), final_state(workdir))

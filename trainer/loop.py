@@ -183,20 +183,24 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   examples_seen, wall_time, noise_state, decisions = 0, 0.0, None, []
   try:
     restored = checkpoints.restore(state)
-  except checkpoint_lib.CheckpointError:
+    if restored is not None:
+      state, meta = restored
+      examples_seen = int(meta["examples_seen"])
+      wall_time = float(meta.get("wall_time", 0.0))
+      noise_state = meta.get("noise_scale")
+      decisions = [(int(x), int(b))
+                   for x, b in meta.get("batch_decisions", [])]
+      if decisions:
+        plan = plan_lib.plan_from_config(config, mesh.size, decisions)
+        checkpoints.keep(_stage_ends(plan))
+      _check_resume_point(plan, int(state.step), examples_seen,
+                          checkpoints.directory)
+  except (checkpoint_lib.CheckpointError, ValueError):
     checkpoints.close()
     raise
   if is_chief:  # Only once the checkpoint is known to fit this config.
     workdir_lib.record_config(workdir, config)
   if restored is not None:
-    state, meta = restored
-    examples_seen = int(meta["examples_seen"])
-    wall_time = float(meta.get("wall_time", 0.0))
-    noise_state = meta.get("noise_scale")
-    decisions = [(int(x), int(b)) for x, b in meta.get("batch_decisions", [])]
-    if decisions:
-      plan = plan_lib.plan_from_config(config, mesh.size, decisions)
-      checkpoints.keep(_stage_ends(plan))
     if is_chief:
       print(f"resumed from step {int(state.step)} ({examples_seen} examples "
             f"seen) in {checkpoints.directory}", flush=True)
@@ -379,6 +383,27 @@ def _check_eval_batch(config, num_devices):
     raise compile_lib.ConfigError(
         f"eval_batch_size={b} must be a positive multiple of the device "
         f"count {num_devices}")
+
+
+def _check_resume_point(plan, step: int, examples_seen: int, directory: str):
+  """ConfigError unless `plan` reaches `examples_seen` at update `step`,
+  as the plan the checkpoint was saved under did. A schedule changed under
+  --allow_config_change before that point would renumber the updates (the
+  count the paper compares) and reuse the saved steps' names."""
+  where = (f"the checkpoint at step {step} ({examples_seen} examples seen) "
+           f"in {directory}")
+  if examples_seen > plan.total_examples:
+    raise compile_lib.ConfigError(
+        f"{where} is past the end of this config's plan "
+        f"({plan.total_examples} examples, {plan.total_updates} updates)")
+  if (step > plan.total_updates
+      or plan.examples_at_step(step) != examples_seen):
+    raise compile_lib.ConfigError(
+        f"{where} does not fit this config's plan, whose step {step} "
+        + (f"starts at {plan.examples_at_step(step)} examples"
+           if step <= plan.total_updates else "does not exist")
+        + ": its stages before the checkpoint differ; change the schedule "
+        "only after the checkpoint's position, or use a new --workdir")
 
 
 def _stage_ends(plan) -> list[int]:

@@ -86,11 +86,15 @@ def _flatten(tree, prefix=""):
   return out
 
 
-# Fields that change how the host runs the training, not what it trains:
-# the batches and the metrics are the same for any value (tests), so a resume
-# may change them (another host shape, say) without --allow_config_change.
-HOST_FIELDS = frozenset({"dataset.num_workers", "dataset.worker_processes",
-                         "dataset.prefetch_batches", "steps_in_flight"})
+# Fields that change how the host runs or records the training, not what it
+# trains: the batches and the updates are the same for any value (tests), so
+# a resume may change them (another host shape, a log or checkpoint cadence,
+# say) without --allow_config_change.
+HOST_FIELDS = frozenset({
+    "dataset.num_workers", "dataset.worker_processes",
+    "dataset.prefetch_batches", "steps_in_flight", "log_every_steps",
+    "eval_every_epochs", "checkpoint_every_steps", "checkpoint_every_minutes",
+    "checkpoints_to_keep", "compilation_cache_dir", "program_cache"})
 
 
 def _without_host_fields(tree: dict) -> dict:
