@@ -2,7 +2,9 @@
 what one process with 8 devices trains, and their checkpoint resumes in one
 process of another device count."""
 import os
+import re
 import shutil
+import signal
 import subprocess
 
 import portpicker
@@ -14,8 +16,9 @@ from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state,
 from trainer import metrics as metrics_lib
 
 
-def _two_processes(workdir, cache, *extra):
-  """The tiny run as two processes of 4 devices each; their outputs."""
+def _two_processes(workdir, cache, *extra, sigterm_after=None):
+  """The tiny run as two processes of 4 devices each; their outputs. With
+  `sigterm_after`, both get SIGTERM once process 0 prints that text."""
   port = portpicker.pick_unused_port()
   env = dict(ENV, XLA_FLAGS=xla_flags.xla_flags(4))
   procs = [subprocess.Popen(
@@ -24,7 +27,16 @@ def _two_processes(workdir, cache, *extra):
                 "--num_processes=2", f"--process_id={i}", *extra)],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
            for i in range(2)]
+  head = []
+  if sigterm_after is not None:
+    for line in procs[0].stdout:
+      head.append(line)
+      if sigterm_after in line:
+        for p in procs:
+          p.send_signal(signal.SIGTERM)  # `timeout` passes it on.
+        break
   outs = [p.communicate() for p in procs]
+  outs[0] = ("".join(head) + outs[0][0], outs[0][1])
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   return outs
@@ -93,3 +105,22 @@ def test_two_process_checkpoint_resumes_on_one_process_of_half_the_devices(
     assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
   assert_same_state(final_state(single), final_state(workdir), rtol=1e-3,
                     atol=2e-5)
+
+
+def test_preemption_during_a_resumed_start_up_is_honoured(runs, tmp_path):
+  """A notice that arrives while a resumed two-process run restores and
+  compiles stops it at its first step with a checkpoint (JAX's sync point
+  would otherwise be step 1, which a run resumed at 16 never reaches)."""
+  cache, _, two, _ = runs
+  workdir = str(tmp_path / "preempted")
+  shutil.copytree(two, workdir)
+  for step in checkpoint_steps(workdir):
+    if step > 16:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  outs = _two_processes(workdir, cache, sigterm_after="resumed from step 16")
+  saved = re.search(r"preempted: saved step (\d+) ", outs[0][0])
+  assert saved, outs[0][0][-3000:]
+  # The step after the latest any process had reported when the notice
+  # reached the coordination service: one or two steps in, not the end.
+  assert 17 <= int(saved.group(1)) < TOTAL_STEPS
+  assert checkpoint_steps(workdir)[-1] == int(saved.group(1))

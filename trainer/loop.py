@@ -180,6 +180,9 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       every_minutes=config.checkpoint_every_minutes,
       max_to_keep=config.checkpoints_to_keep,
       keep_steps=_stage_ends(plan))
+  # The newest checkpoint's step (the restore may fall back to an older one:
+  # a step reported ahead of the loop's is still passed).
+  stop_at_start = preemption_lib.report_start(checkpoints.latest_step() or 0)
   examples_seen, wall_time, noise_state, decisions = 0, 0.0, None, []
   try:
     restored = checkpoints.restore(state)
@@ -231,7 +234,7 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       print(f"B={batch_size}: {batch_size // mesh.size} examples per device "
             f"in {k} micro-batch(es)", flush=True)
 
-  preemption = preemption_lib.PreemptionWatcher()
+  preemption = preemption_lib.PreemptionWatcher(requested=stop_at_start)
   try:
     noise = noise_scale_lib.NoiseScaleTracker.from_state(
         noise_state, noise_scale_lib.horizon_decay(
