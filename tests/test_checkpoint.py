@@ -85,3 +85,43 @@ def test_replicated_state_round_trips_sliced_or_whole(tmp_path, written_with,
   for key, value in state.items():
     np.testing.assert_array_equal(restored[key], value)
     assert restored[key].sharding.is_equivalent_to(replicated, value.ndim)
+
+
+@pytest.mark.parametrize("other_process_reads", [True, False])
+def test_a_step_one_process_cannot_read(tmp_path, monkeypatch,
+                                        other_process_reads):
+  """Step 2 unreadable here. If another process read it, the fault is this
+  process's (not a corrupt file): every process stops, nothing is set
+  aside. If no process read it, all fall back to step 1 together."""
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1,
+                                     every_minutes=0.0, max_to_keep=3)
+  for step in (1, 2):
+    ckpt.save(step, {"w": jnp.full(4, float(step))}, {"examples_seen": step})
+  ckpt.close()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1,
+                                     every_minutes=0.0, max_to_keep=3)
+  real_restore = ckpt._manager.restore
+
+  def restore(step, *args, **kwargs):
+    if step == 2:
+      raise OSError("Input/output error")
+    return real_restore(step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt._manager, "restore", restore)
+  monkeypatch.setattr(  # This process, then a second one.
+      checkpoint_lib, "_read_by_each_process",
+      lambda ok: [ok, ok if not other_process_reads else True])
+  if other_process_reads:
+    with pytest.raises(checkpoint_lib.CheckpointError) as e:
+      ckpt.restore({"w": jnp.zeros(4)})
+    assert str(e.value) == (
+        f"checkpoint step 2 in {tmp_path}/checkpoints was read by 1 of 2 "
+        "processes (this process: Input/output error); nothing was set "
+        "aside: rerun to retry")
+    assert ckpt.all_steps() == [1, 2]
+  else:
+    restored, meta = ckpt.restore({"w": jnp.zeros(4)})
+    assert meta == {"examples_seen": 1}
+    np.testing.assert_array_equal(restored["w"], np.ones(4))
+    assert ckpt.all_steps() == [1]  # Step 2 set aside.
+  ckpt.close()

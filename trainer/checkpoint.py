@@ -78,6 +78,14 @@ def _check_shapes(step: int, saved, abstract_state) -> None:
         f"config: {'; '.join(differ[:3])}{more}); use a new --workdir")
 
 
+def _read_by_each_process(ok: bool) -> list[bool]:
+  """Whether each process read the checkpoint it tried (the same step on
+  every process, so they agree on what to do next)."""
+  if jax.process_count() == 1:
+    return [ok]
+  return [bool(x) for x in multihost_utils.process_allgather(np.array(ok))]
+
+
 class _KeptSteps:
   """orbax's preservation policy for the steps in a set that may grow (an
   adaptive run learns its stage boundaries as it decides them)."""
@@ -134,6 +142,9 @@ class Checkpointer:
     A newest checkpoint that cannot be read (truncated, corrupt) is moved to
     `<workdir>/corrupt_checkpoints/` with a warning and the previous one is
     tried. If none can be read, CheckpointError names the first failure.
+    Every process restores the same step: one that some processes read and
+    others did not (a process-local fault, not a corrupt file) raises
+    CheckpointError everywhere and sets nothing aside, so a rerun retries.
     """
     first_error = None
     for step in reversed(self.all_steps()):
@@ -143,14 +154,25 @@ class Checkpointer:
         saved = None  # Unreadable metadata: let the restore below report it.
       if saved is not None:
         _check_shapes(step, saved, abstract_state)
+      error = None
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        first_error = first_error or (step, e)
+        error = e
+      read = _read_by_each_process(error is None)
+      if any(read) and not all(read):
+        why = (f"this process: {_first_line(error)}" if error is not None
+               else "see the other processes' logs")
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} was read by "
+            f"{sum(read)} of {len(read)} processes ({why}); nothing was set "
+            "aside: rerun to retry")
+      if error is not None:
+        first_error = first_error or (step, error)
         print(f"warning: checkpoint step {step} in {self.directory} is "
-              f"unreadable ({_first_line(e)}); trying the previous one",
+              f"unreadable ({_first_line(error)}); trying the previous one",
               flush=True)
         continue
       if first_error is not None:
