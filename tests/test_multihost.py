@@ -16,17 +16,22 @@ from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state,
 from trainer import metrics as metrics_lib
 
 
-def _two_processes(workdir, cache, *extra, sigterm_after=None):
+def _two_processes(workdir, cache, *extra, sigterm_after=None, check=True,
+                   runner=None, env=None):
   """The tiny run as two processes of 4 devices each; their outputs. With
-  `sigterm_after`, both get SIGTERM once process 0 prints that text."""
+  `sigterm_after`, both get SIGTERM once process 0 prints that text;
+  `runner` replaces `-m trainer.main`; `check`: both must exit 0."""
   port = portpicker.pick_unused_port()
-  env = dict(ENV, XLA_FLAGS=xla_flags.xla_flags(4))
+  env = dict(env or ENV, XLA_FLAGS=xla_flags.xla_flags(4))
+  commands = [command(workdir, cache, f"--coordinator_address=127.0.0.1:{port}",
+                      "--num_processes=2", f"--process_id={i}", *extra)
+              for i in range(2)]
+  if runner:
+    commands = [[c[0], runner, *c[3:]] for c in commands]
   procs = [subprocess.Popen(
-      ["timeout", "-s", "KILL", "300",  # Distributed JAX catches SIGTERM.
-       *command(workdir, cache, f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2", f"--process_id={i}", *extra)],
+      ["timeout", "-s", "KILL", "300", *c],  # Distributed JAX catches SIGTERM.
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for i in range(2)]
+           for c in commands]
   head = []
   if sigterm_after is not None:
     for line in procs[0].stdout:
@@ -38,8 +43,8 @@ def _two_processes(workdir, cache, *extra, sigterm_after=None):
   outs = [p.communicate() for p in procs]
   outs[0] = ("".join(head) + outs[0][0], outs[0][1])
   for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return outs
+    assert p.returncode == 0 or not check, err[-3000:]
+  return (outs, [p.returncode for p in procs]) if not check else outs
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +129,18 @@ def test_preemption_during_a_resumed_start_up_is_honoured(runs, tmp_path):
   # reached the coordination service: one or two steps in, not the end.
   assert 17 <= int(saved.group(1)) < TOTAL_STEPS
   assert checkpoint_steps(workdir)[-1] == int(saved.group(1))
+
+
+def test_an_error_on_one_process_ends_both_at_once(runs, tmp_path):
+  """Process 1 cannot read its first batch: it prints the error and leaves
+  at once; process 0, waiting for it in the first step's collectives, is
+  ended too. (Exiting normally, process 1 waited 5 minutes at JAX's shutdown
+  barrier and then both aborted.)"""
+  cache = runs[0]
+  outs, codes = _two_processes(
+      str(tmp_path / "w"), cache, check=False, runner="tests/failing_reader.py",
+      env=dict(ENV, FAIL_PROCESS="1"))
+  assert codes[1] == 2 and codes[0] != 0, outs  # Not -9: `timeout` killed.
+  assert ": injected read error" in outs[1][1].splitlines()[-2]
+  assert "process 1 stopped (exit status 2)" in outs[1][1]
+  assert "process 0 stopped" in outs[0][1]

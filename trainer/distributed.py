@@ -6,6 +6,11 @@ count and id come from flags.
 """
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+from typing import NoReturn
+
 import jax
 
 
@@ -31,3 +36,28 @@ def describe() -> str:
   """`P process(es), D devices (L on this process)`, for the logs."""
   return (f"{jax.process_count()} process(es), {jax.device_count()} devices "
           f"({jax.local_device_count()} on process {jax.process_index()})")
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def abandon(error: BaseException) -> NoReturn:
+  """Ends this process of a multi-process run now, after `error` (a
+  one-line error's SystemExit, or any exception, printed here).
+
+  Exiting normally would wait at JAX's shutdown barrier (5 minutes) for
+  processes that are themselves waiting for this one in the next step's
+  collectives, then abort them all. Gone at once, it is reported to the
+  others by JAX's distributed service, which ends them.
+  """
+  code = 1
+  if isinstance(error, SystemExit):
+    code = error.code if isinstance(error.code, int) else 1
+  else:
+    traceback.print_exception(error)
+  print(f"process {jax.process_index()} stopped (exit status {code}); the "
+        "other processes stop when JAX's distributed service notices",
+        file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)  # pylint: disable=protected-access

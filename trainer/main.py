@@ -35,10 +35,16 @@ def main(argv):
                   process_id=cli.FLAGS.process_id)
   from trainer import loop
   try:
-    cli.run_or_exit(loop.train_and_evaluate, config, cli.FLAGS.workdir,
-                    cli.FLAGS.allow_config_change)
-  except loop.RUN_ERRORS as e:
-    cli.fail(str(e))
+    try:
+      cli.run_or_exit(loop.train_and_evaluate, config, cli.FLAGS.workdir,
+                      cli.FLAGS.allow_config_change)
+    except loop.RUN_ERRORS as e:
+      cli.fail(str(e))
+  except BaseException as e:  # pylint: disable=broad-except
+    if distributed.process_count() > 1 and not (
+        isinstance(e, SystemExit) and not e.code):
+      distributed.abandon(e)
+    raise
 
 
 if __name__ == "__main__":
