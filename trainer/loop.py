@@ -65,19 +65,32 @@ def create_train_state(config, model, tx, mesh, seed: int):
 
 
 def _scalar(value, sharding):
+  return _replicated_float32(float(value), sharding)
+
+
+@functools.lru_cache(maxsize=256)
+def _replicated_float32(value: float, sharding):
+  """A float32 scalar on `sharding`, made once per value: with several
+  processes every device_put of a host value first checks with the others
+  that theirs is equal (a blocking exchange), which the step's ε, m and
+  batch-norm decay, fixed within a stage, would cost at every step."""
   return jax.device_put(np.float32(value), sharding)
 
 
 @dataclasses.dataclass
 class _Clock:
-  """Examples/s over the window since the last log line, and the share of
-  that window the loop spent waiting for its next batch."""
+  """Examples/s over the window since the last log line, the share of
+  that window the loop spent waiting for its next batch, and the seconds it
+  waited for a stage's compile."""
   start: float
   examples: int
   input_wait: float = 0.0  # Seconds, added by the loop.
+  compile_wait: float = 0.0  # Seconds, added by the loop.
 
-  def rate(self, examples_seen: int) -> float:
+  def rate(self, examples_seen: int, without_compile: bool = False) -> float:
     elapsed = time.perf_counter() - self.start
+    if without_compile:
+      elapsed -= self.compile_wait
     return (examples_seen - self.examples) / max(elapsed, 1e-9)
 
   def input_wait_fraction(self) -> float:
@@ -85,7 +98,7 @@ class _Clock:
 
   def reset(self, examples_seen: int) -> None:
     self.start, self.examples = time.perf_counter(), examples_seen
-    self.input_wait = 0.0
+    self.input_wait = self.compile_wait = 0.0
 
 
 def _format_eta(seconds: float) -> str:
@@ -481,6 +494,9 @@ def _log_train(writer, is_chief, plan, pos, step, examples_seen, metrics,
   with the ETA on the chief."""
   n = plan.num_train_examples
   rate, input_wait = clock.rate(examples_seen), clock.input_wait_fraction()
+  # A compile waited for happens once: the time left runs at the rest's rate.
+  eta_rate = clock.rate(examples_seen, without_compile=True)
+  compile_wait = clock.compile_wait
   clock.reset(examples_seen)
   record = dict(
       examples_seen=examples_seen, epoch=examples_seen / n,
@@ -489,12 +505,13 @@ def _log_train(writer, is_chief, plan, pos, step, examples_seen, metrics,
       noise_scale=pos.noise_scale,
       **{k: float(v) for k, v in metrics.items()},
       **({} if noise_scale is None else dict(grad_noise_scale=noise_scale)),
-      examples_per_second=rate, input_wait_fraction=input_wait, **timings,
+      examples_per_second=rate, input_wait_fraction=input_wait,
+      compile_wait=compile_wait, **timings,
       peak_host_memory_mb=_peak_host_memory_mb(),
       wall_time=time.perf_counter() - run_start)
   writer.write("train", step, **record)
   if is_chief:
-    eta = (plan.total_examples - examples_seen) / max(rate, 1e-9)
+    eta = (plan.total_examples - examples_seen) / max(eta_rate, 1e-9)
     print(f"step {step}/{plan.total_updates} epoch {examples_seen / n:.2f} "
           f"stage {pos.stage} B={pos.batch_size} "
           f"lr={pos.learning_rate:.4g} "
@@ -538,7 +555,6 @@ class _Dispatched:
   pos: plan_lib.Position
   metrics: dict  # Device arrays until read.
   start: float  # When the host began the step (compile wait included).
-  compile_wait: float
 
 
 class _StepReader:
@@ -574,8 +590,7 @@ class _StepReader:
     if step % self._config.log_every_steps == 0 or stage_end:
       _log_train(self._writer, self._is_chief, d.plan, pos, step,
                  examples_seen, metrics, noise_scale, self._clock,
-                 self._run_start, step_time=step_time,
-                 compile_wait=d.compile_wait)
+                 self._run_start, step_time=step_time)
     return noise_scale
 
 
@@ -629,10 +644,10 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
         pos = plan.at(local["examples_seen"])
         start = time.perf_counter()
         step_fn = compiler.get(pos.batch_size)
-        compile_wait = time.perf_counter() - start
+        clock.compile_wait += time.perf_counter() - start
         state, metrics = step_fn(state, local,
                                  _step_hyper(config, pos, n, replicated))
-        dispatched = _Dispatched(plan, pos, metrics, start, compile_wait)
+        dispatched = _Dispatched(plan, pos, metrics, start)
         if unread is not None:  # The previous step; this one queues behind.
           reader.read(unread)
           unread = None
