@@ -418,3 +418,54 @@ def test_batch_decision_is_recorded_and_a_change_printed(capsys, noise,
   assert (kind, step) == ("batch_decision", 5)
   assert (record["previous_batch_size"], record["batch_size"]) == (128, batch)
   assert capsys.readouterr().out == line
+
+
+def _tensorboard_events(directory):
+  """Every event in the TFRecord files under `directory`."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  events = []
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+      at += 12 + length + 4
+  return events
+
+
+def test_a_resumed_run_hides_the_abandoned_tensorboard_steps(tmp_path):
+  """The resumed run logs again the steps after its checkpoint; its event
+  file starts by purging them (TensorBoard's SessionLog START at the first
+  step it will log)."""
+  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  writer.write("train", 12, train_loss=1.0)
+  writer.close()
+  time.sleep(1.1)  # Event files are named by the second they start.
+  writer = metrics_lib.MetricsWriter(str(tmp_path), purge_step=11)
+  writer.write("train", 11, train_loss=0.5)
+  writer.close()
+  events = _tensorboard_events(tmp_path / "tensorboard")
+  starts = [e.step for e in events if e.HasField("session_log")]
+  assert starts == [11]
+  logged = [(e.step, e.summary.value[0].simple_value) for e in events
+            if e.HasField("summary")]
+  assert logged == [(12, 1.0), (11, 0.5)]
+
+
+@pytest.mark.parametrize("final,start,expected", [
+    (dict(step=28, examples_seen=3072, preempted=False, eval_accuracy=0.4531),
+     0, "done: 28 updates, 3,072 examples in 1m05s of training, eval accuracy "
+     "0.4531; metrics in M, checkpoints in C\n"),
+    (dict(step=28, examples_seen=3072, preempted=False), 28,
+     "already complete: 28/28 updates; metrics in M, checkpoints in C\n"),
+    (dict(step=12, examples_seen=768, preempted=True), 5,
+     "preempted: saved step 12 in C; rerun the same command to resume\n"
+     "metrics in M, checkpoints in C\n"),
+])
+def test_the_last_line_says_how_the_run_ended(capsys, final, start, expected):
+  loop._print_end(final, 65.0, start, types.SimpleNamespace(total_updates=28),
+                  "M", "C", "preempted")
+  assert capsys.readouterr().out == expected

@@ -221,7 +221,9 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       print(f"resumed from step {int(state.step)} ({examples_seen} examples "
             f"seen) in {checkpoints.directory}", flush=True)
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
+  writer = metrics_lib.MetricsWriter(
+      workdir, enabled=is_chief,
+      purge_step=None if restored is None else int(state.step) + 1)
   start_step = int(state.step)
   compiler = compile_lib.StepCompiler.for_config(
       config, mesh=mesh, model=model, tx=tx, state=state,
@@ -261,14 +263,29 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
     compiler.close()
     writer.close()
     checkpoints.close()  # Waits for the last save; raises if it failed.
+  seconds = final.pop("wall_time")
   if is_chief:
-    if final["preempted"]:
-      print(f"{preemption.reason}: saved step {final['step']} in "
-            f"{checkpoints.directory}; rerun the same command to resume",
-            flush=True)
-    print(f"done: metrics in {writer.path}, checkpoints in "
-          f"{checkpoints.directory}", flush=True)
+    _print_end(final, seconds, start_step, plan, writer.path,
+               checkpoints.directory, preemption.reason)
   return final
+
+
+def _print_end(final, seconds, start_step, plan, metrics_path, checkpoint_dir,
+               reason):
+  """The run's last line(s): stopped, already complete, or done."""
+  where = f"metrics in {metrics_path}, checkpoints in {checkpoint_dir}"
+  if final["preempted"]:
+    print(f"{reason}: saved step {final['step']} in {checkpoint_dir}; rerun "
+          f"the same command to resume\n{where}", flush=True)
+  elif final["step"] == start_step:
+    print(f"already complete: {final['step']}/{plan.total_updates} updates; "
+          f"{where}", flush=True)
+  else:
+    accuracy = (f", eval accuracy {final['eval_accuracy']:.4f}"
+                if "eval_accuracy" in final else "")
+    print(f"done: {final['step']} updates, {final['examples_seen']:,} "
+          f"examples in {_format_eta(seconds)} of training"
+          f"{accuracy}; {where}", flush=True)
 
 
 def _record_compile(writer, step, is_chief, accumulation, batch_size,
@@ -691,4 +708,5 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
   if unread is not None:  # Only if the stream ended before the plan did.
     reader.read(unread)
   return dict(step=int(state.step), examples_seen=examples_seen,
-              preempted=preempted, **last_eval)
+              preempted=preempted,
+              wall_time=time.perf_counter() - run_start, **last_eval)

@@ -32,7 +32,11 @@ def _drop_partial_last_line(path: str) -> None:
 class MetricsWriter:
   """Appends records to `<workdir>/metrics.jsonl` and TensorBoard events."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True,
+               purge_step: int | None = None):
+    """`purge_step`: a resumed run's first step. TensorBoard then hides the
+    abandoned attempt's events from that step on, which the resumed run
+    logs again (metrics.jsonl keeps both; readers take the last)."""
     self._enabled = enabled
     self._lock = threading.Lock()  # Compile records come from a thread.
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -47,7 +51,8 @@ class MetricsWriter:
     self._local = local
     _drop_partial_last_line(local)
     self._file = open(local, "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=purge_step)
 
   def write(self, kind: str, step: int, **fields) -> None:
     if not self._enabled:
