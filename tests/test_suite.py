@@ -343,6 +343,11 @@ def test_suite_runs_in_order_names_failures_and_reports(tmp_path, monkeypatch,
       "final step (preempted?); see "
       f"{out / 'runs' / 'adam_increase_batch_seed0' / 'train.log'}"]
   # The main report groups the seeds; the others had no finished run.
+  (left_out,) = [l for l in captured.out.splitlines()
+                 if l.startswith(f"{out / 'report'}: leaving out")]
+  assert left_out.startswith(
+      f"{out / 'report'}: leaving out runs not finished (yet): ")
+  assert "hybrid_seed0" in left_out and "decay_lr_seed0" not in left_out
   table = (out / "report" / "report.md").read_text()
   rows = [l for l in table.splitlines() if l.startswith("| ") and "seeds" not in l]
   assert [r.split(" | ")[:2] for r in rows] == [["| decay_lr", "3"],

@@ -214,9 +214,12 @@ def write_reports(out: str, runs: list[Run], target_accuracy: float,
     if not finished:
       print(f"{report_dir}: no finished runs yet; not written", flush=True)
       continue
-    if missing:
-      print(f"{report_dir}: leaving out unfinished or failed runs: "
-            f"{', '.join(missing)}", flush=True)
+    for what, names_out in (
+        ("failed", [n for n in missing if n in failed]),
+        ("not finished (yet)", [n for n in missing if n not in failed])):
+      if names_out:
+        print(f"{report_dir}: leaving out runs {what}: {', '.join(names_out)}",
+              flush=True)
     try:
       report_lib.main([*(r.workdir for r in finished), "--out", report_dir,
                        "--target_accuracy", str(target_accuracy)])
@@ -311,8 +314,9 @@ def main(argv=None) -> int:
   print(plan_table(runs))
   print(f"{len(runs)} runs, {sum(r.plan.total_examples for r in runs):,} "
         f"examples, estimated {total / 60:.1f} min from scratch "
-        f"({EXAMPLES_PER_SECOND:,.0f} examples/s, {STARTUP_SECONDS:g} s start-up "
-        f"and {EVAL_SECONDS:g} s per evaluation, plus compiles)", flush=True)
+        f"({EXAMPLES_PER_SECOND:,.0f} examples/s, {STARTUP_SECONDS:g} s start-up, "
+        f"{EVAL_SECONDS:g} s per evaluation and {COMPILE_SECONDS:g} s per "
+        "compiled step)", flush=True)
   if args.dry_run:
     print("\n".join(" ".join(r.command) for r in runs))
     print(f"environment: XLA_FLAGS={train_env()['XLA_FLAGS']}")
