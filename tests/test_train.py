@@ -469,3 +469,15 @@ def test_the_last_line_says_how_the_run_ended(capsys, final, start, expected):
   loop._print_end(final, 65.0, start, types.SimpleNamespace(total_updates=28),
                   "M", "C", "preempted")
   assert capsys.readouterr().out == expected
+
+
+def test_non_finite_loss_names_the_checkpoint_and_its_risk():
+  checkpoints = types.SimpleNamespace(latest_step=lambda: 20,
+                                      directory="/w/checkpoints")
+  pos = types.SimpleNamespace(stage=1, batch_size=128)
+  with pytest.raises(loop.TrainingDiverged) as e:
+    loop._check_finite(dict(train_loss=np.float32("nan")), 23, pos, checkpoints)
+  assert str(e.value) == (
+      "non-finite loss nan at step 23 (stage 1, B=128); last checkpoint: step "
+      "20 in /w/checkpoints (its weights may already be diverging: resumed "
+      "unchanged, the run may fail the same way)")

@@ -497,8 +497,12 @@ def _check_finite(metrics, step, pos, checkpoints) -> None:
   if math.isfinite(loss):
     return
   latest = checkpoints.latest_step()
+  # The loss of step t is computed from the state after t-1 updates: the
+  # checkpoint just before it may hold the weights that diverged.
   where = ("no checkpoint yet" if latest is None else
-           f"last checkpoint: step {latest} in {checkpoints.directory}")
+           f"last checkpoint: step {latest} in {checkpoints.directory} (its "
+           "weights may already be diverging: resumed unchanged, the run "
+           "may fail the same way)")
   raise TrainingDiverged(
       f"non-finite loss {loss} at step {step} "
       f"(stage {pos.stage}, B={pos.batch_size}); {where}")

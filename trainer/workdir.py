@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import time
+import uuid
 
 from etils import epath
 
@@ -31,7 +32,8 @@ def prepare(workdir: str) -> None:
     raise WorkdirError(f"workdir {workdir} is a file, not a directory")
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_test_{os.getpid()}"
+    # Unique across hosts (equal pids are common in identical containers).
+    probe = path / f".write_test_{uuid.uuid4().hex}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
