@@ -85,6 +85,17 @@ def test_two_processes_reading_in_worker_processes_match_one(runs, tmp_path):
   _assert_same_training(single, str(tmp_path))
 
 
+def _stopped_at_step_16(finished, workdir):
+  """A copy of the `finished` run's workdir as it was at the first stage
+  boundary (checkpoints after step 16 removed)."""
+  workdir = str(workdir)
+  shutil.copytree(finished, workdir)
+  for step in checkpoint_steps(workdir):
+    if step > 16:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  return workdir
+
+
 def test_two_process_checkpoint_resumes_on_one_process_of_half_the_devices(
     runs, tmp_path):
   """A pod job resumed on another slice: the two-process run's checkpoint at
@@ -92,11 +103,7 @@ def test_two_process_checkpoint_resumes_on_one_process_of_half_the_devices(
   of 4 devices trains on as the uninterrupted one-process run did (the same
   ghost batches; sums in another order)."""
   cache, single, two, _ = runs
-  workdir = str(tmp_path / "resumed")
-  shutil.copytree(two, workdir)
-  for step in checkpoint_steps(workdir):
-    if step > 16:
-      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  workdir = _stopped_at_step_16(two, tmp_path / "resumed")
   os.remove(os.path.join(workdir, "metrics.jsonl"))
   r = run(workdir, cache, env=dict(ENV, XLA_FLAGS=xla_flags.xla_flags(4)))
   assert r.returncode == 0, r.stderr[-3000:]
@@ -117,11 +124,7 @@ def test_preemption_during_a_resumed_start_up_is_honoured(runs, tmp_path):
   compiles stops it at its first step with a checkpoint (JAX's sync point
   would otherwise be step 1, which a run resumed at 16 never reaches)."""
   cache, _, two, _ = runs
-  workdir = str(tmp_path / "preempted")
-  shutil.copytree(two, workdir)
-  for step in checkpoint_steps(workdir):
-    if step > 16:
-      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  workdir = _stopped_at_step_16(two, tmp_path / "preempted")
   outs = _two_processes(workdir, cache, sigterm_after="resumed from step 16")
   saved = re.search(r"preempted: saved step (\d+) ", outs[0][0])
   assert saved, outs[0][0][-3000:]
