@@ -111,6 +111,17 @@ def test_entry_is_found_only_under_the_same_key(tmp_path):
                                 [0.0, 2.0, 4.0, 6.0])
 
 
+def test_key_leaves_out_where_jax_caches_and_what_it_logs(tmp_path):
+  """A workdir moved or copied (its JAX cache directory with it) still
+  finds its programs; a jax.config value that changes programs misses."""
+  cache(tmp_path, "tiny", "source").store("step", doubler())
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "moved"))
+  with jax.log_compiles(True):
+    assert cache(tmp_path, "tiny", "source").load("step", ONE) is not None
+  with jax.numpy_rank_promotion("raise"):
+    assert cache(tmp_path, "tiny", "source").load("step", ONE) is None
+
+
 def test_source_digest_follows_every_python_file(tmp_path):
   for package in program_cache_lib._PACKAGES:
     (tmp_path / package / "sub").mkdir(parents=True)

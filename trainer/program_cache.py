@@ -13,7 +13,8 @@ key made of everything the traced program can depend on:
   function (its batch size, shapes, shardings, settings);
 * the source text of the `trainer` and `models` packages;
 * the versions of Python, jax, jaxlib, flax and optax, every `jax.config`
-  value, and the XLA_FLAGS / LIBTPU_INIT_ARGS environment;
+  value but where JAX caches and what it logs, and the XLA_FLAGS /
+  LIBTPU_INIT_ARGS environment;
 * the backend, its version, and this process's devices and index.
 
 Any change to these is a miss (the function is compiled as before, then
@@ -73,6 +74,14 @@ def _source_digest(root: str = _ROOT, packages=_PACKAGES) -> str:
   return digest.hexdigest()
 
 
+# jax.config values that change no program: where JAX keeps its own cache
+# (a workdir's, by default: a copied or moved workdir would miss) and what
+# it logs.
+_NOT_IN_KEY = frozenset({"jax_compilation_cache_dir", "jax_log_compiles",
+                         "jax_explain_cache_misses", "jax_logging_level",
+                         "jax_debug_log_modules"})
+
+
 def _environment() -> list[str]:
   """What outside the caller's description can change a compiled program."""
   from importlib import metadata
@@ -81,7 +90,8 @@ def _environment() -> list[str]:
   return [
       sys.version, platform.machine(),
       *(f"{lib} {metadata.version(lib)}" for lib in _LIBRARIES),
-      *(f"{k}={v!r}" for k, v in sorted(jax.config.values.items())),
+      *(f"{k}={v!r}" for k, v in sorted(jax.config.values.items())
+        if k not in _NOT_IN_KEY),
       *(f"{k}={os.environ.get(k, '')}" for k in ("XLA_FLAGS",
                                                   "LIBTPU_INIT_ARGS")),
       client.platform, client.platform_version,
