@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from tests import xla_flags
 from trainer import preemption
 
 from tests.tiny_run import (ENV, TOTAL_STEPS, assert_same_state,
@@ -208,3 +209,29 @@ def test_log_checkpoint_and_eval_cadence_may_change_on_resume(
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from step" in r.stdout and "step 15/" in r.stdout
   assert_same_state(final_state(tiny_reference), final_state(workdir))
+
+
+def test_a_larger_slice_resumes_past_a_stage_it_could_not_split(
+    tmp_path, xla_cache, tiny_reference):
+  """Resumed at the first stage boundary on 16 devices, where stage 0's
+  B=64 would leave 4 examples per device (half a ghost batch): the finished
+  stage is not checked, and the rest (8 and 16 per device) trains on as the
+  uninterrupted 8-device run did (the same ghost batches)."""
+  workdir = str(tmp_path / "larger")
+  shutil.copytree(tiny_reference, workdir)
+  for step in checkpoint_steps(workdir):
+    if step > 16:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  r = run(workdir, xla_cache, env=dict(ENV, XLA_FLAGS=xla_flags.xla_flags(16)))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from step 16 (1024 examples seen)" in r.stdout
+  assert "1 process(es), 16 devices" in r.stdout
+  assert_same_state(final_state(tiny_reference), final_state(workdir),
+                    rtol=1e-3, atol=2e-5)
+  # A fresh run on 16 devices is still refused: its stage 0 cannot split.
+  r = run(str(tmp_path / "fresh"), xla_cache,
+          env=dict(ENV, XLA_FLAGS=xla_flags.xla_flags(16)))
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: stage 0 global batch B=64 gives 4 examples per device, not a "
+      "multiple of ghost_batch_size=8")

@@ -98,6 +98,30 @@ class _KeptSteps:
     return [c.step in self.steps for c in checkpoints]
 
 
+def newest_examples_seen(workdir: str) -> int:
+  """Examples seen at the newest checkpoint in `workdir`, read without its
+  state (where a resumed run will start); 0 if there is none or it cannot
+  be read."""
+  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  directory = os.path.join(root, "checkpoints")
+  if not epath.Path(directory).exists():
+    return 0
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers=dict(meta=ocp.JsonCheckpointHandler()))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return 0
+    meta = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+    return int(meta["examples_seen"])
+  except Exception:  # pylint: disable=broad-except
+    return 0  # The restore proper reports it; meanwhile check every stage.
+  finally:
+    manager.close()
+
+
 class Checkpointer:
   """Saves every `every_steps` updates or `every_minutes`, and when forced.
 

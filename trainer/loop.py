@@ -146,7 +146,11 @@ def train_and_evaluate(config, workdir: str,
   is_chief = jax.process_index() == 0
   # Every check that can fail on bad input runs before the workdir is touched.
   mesh = mesh_lib.make_mesh()
-  plan = plan_lib.plan_from_config(config, num_devices=mesh.size)
+  # Finished stages need not split over this run's devices (a resume on
+  # another slice); the restore checks again from where it really starts.
+  resume = checkpoint_lib.newest_examples_seen(workdir)
+  plan = plan_lib.plan_from_config(config, num_devices=mesh.size,
+                                   devices_from_examples=resume)
   _check_eval_batch(config, mesh.size)
   _check_intervals(config)
   steps_in_flight(config)
@@ -154,7 +158,7 @@ def train_and_evaluate(config, workdir: str,
   _check_weight_average(config, mesh.size)
   if config.schedule.kind == "adaptive":
     _check_adaptive(config, mesh.size)
-  micro_batching.check_batch_sizes(config, plan, mesh.size)
+  micro_batching.check_batch_sizes(config, plan, mesh.size, resume)
   model = models.create_model(config)
   first = plan.stages[0]
   models.running_stats_decay(first.batch_size, config.bn_momentum,
@@ -206,9 +210,10 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
       noise_state = meta.get("noise_scale")
       decisions = [(int(x), int(b))
                    for x, b in meta.get("batch_decisions", [])]
-      if decisions:
-        plan = plan_lib.plan_from_config(config, mesh.size, decisions)
-        checkpoints.keep(_stage_ends(plan))
+      plan = plan_lib.plan_from_config(config, mesh.size, decisions,
+                                       devices_from_examples=examples_seen)
+      micro_batching.check_batch_sizes(config, plan, mesh.size, examples_seen)
+      checkpoints.keep(_stage_ends(plan))
       _check_resume_point(plan, int(state.step), examples_seen,
                           checkpoints.directory)
   except (checkpoint_lib.CheckpointError, ValueError):
@@ -242,7 +247,8 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   if is_chief:
     print(plan.table(), flush=True)
     print(f"{distributed.describe()}; workdir {workdir}", flush=True)
-    for batch_size in plan.batch_sizes:
+    for batch_size in dict.fromkeys(s.batch_size for s in plan.stages
+                                    if s.end_examples > examples_seen):
       k = compile_lib.micro_batches(batch_size, mesh.size,
                                     config.max_device_batch,
                                     config.ghost_batch_size)
@@ -690,7 +696,9 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
                                 examples_seen, n, noise_scale)
           if batch != pos.batch_size:
             decisions.append((examples_seen, batch))
-            plan = plan_lib.plan_from_config(config, mesh.size, decisions)
+            plan = plan_lib.plan_from_config(
+                config, mesh.size, decisions,
+                devices_from_examples=examples_seen)
             checkpoints.keep(_stage_ends(plan))
             replanned = save = True
         if evaluate_now:

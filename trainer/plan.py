@@ -315,11 +315,14 @@ def _stage_points(s, num_train_examples: int, batch: int, lr: float):
 
 def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
                num_devices: int = 1,
-               decisions: Sequence[tuple[int, int]] = ()) -> Plan:
+               decisions: Sequence[tuple[int, int]] = (),
+               devices_from_examples: int = 0) -> Plan:
   """Plans `schedule` (a config.schedule) over N=`num_train_examples`.
 
   Every global batch must split into `num_devices` equal shares, each a whole
-  number of ghost batches. Raises PlanError naming the field at fault.
+  number of ghost batches: every stage's that ends after
+  `devices_from_examples` (a resumed run's position: finished stages need
+  not split over its devices). Raises PlanError naming the field at fault.
   `decisions` ((examples_seen, B) pairs, kind='adaptive' only) are the
   batch changes made so far during training.
   """
@@ -334,17 +337,28 @@ def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
            f"exceeds the first stage's ε={lr:.4g}, which warm-up rises to")
   n = num_train_examples
   if s.kind == "adaptive":
-    return _adaptive_plan(s, n, batch, lr, decisions or (), ghost_batch_size,
-                          num_devices)
+    plan = _adaptive_plan(s, n, batch, lr, decisions or (), ghost_batch_size)
+  else:
+    plan = _milestone_plan(s, n, batch, lr, decisions, ghost_batch_size)
+  for stage in plan.stages:
+    if stage.end_examples > devices_from_examples:
+      _check_split(stage.index, stage.batch_size, ghost_batch_size,
+                   num_devices)
+  return plan
+
+
+def _milestone_plan(s, n: int, batch: int, lr: float, decisions,
+                    ghost_batch_size: int) -> Plan:
+  """Stages between the schedule's milestones."""
   _require(not decisions, f"batch decisions are only for kind='adaptive', "
            f"not {s.kind!r}")
-  points = _stage_points(s, num_train_examples, batch, lr)
+  points = _stage_points(s, n, batch, lr)
 
   bounds = [0.0, *map(float, s.milestones_epochs), float(s.num_epochs)]
   stages = []
   start_examples = start_step = 0
   for i, (batch, lr) in enumerate(points):
-    _check_batch(i, batch, n, ghost_batch_size, num_devices)
+    _check_fits(i, batch, n)  # The split over devices: in build_plan.
     end_target = math.ceil(bounds[i + 1] * n)
     _require(start_examples < end_target,
              f"stage {i} (epochs {bounds[i]:g}-{bounds[i + 1]:g}) is empty: the "
@@ -367,7 +381,7 @@ def build_plan(schedule, *, num_train_examples: int, ghost_batch_size: int,
 
 
 def _adaptive_plan(s, n: int, batch0: int, lr0: float, decisions,
-                   ghost_batch_size: int, num_devices: int) -> Plan:
+                   ghost_batch_size: int) -> Plan:
   """Stages from B0 at 0 and each decision (examples_seen, B) onwards; the
   last stage runs to num_epochs. ε by `adaptive_lr_rule`."""
   points = [(0, batch0)] + [(int(x), int(b)) for x, b in decisions]
@@ -375,7 +389,7 @@ def _adaptive_plan(s, n: int, batch0: int, lr0: float, decisions,
   stages = []
   start_step = 0
   for i, (start, batch) in enumerate(points):
-    _check_batch(i, batch, n, ghost_batch_size, num_devices)
+    _check_fits(i, batch, n)  # The split over devices: in build_plan.
     if i + 1 < len(points):
       stop = points[i + 1][0]
       _require(stop > start and (stop - start) % batch == 0,
@@ -402,12 +416,16 @@ def _adaptive_plan(s, n: int, batch0: int, lr0: float, decisions,
               stages=tuple(stages))
 
 
-def _check_batch(stage: int, batch: int, num_train_examples: int,
-                 ghost_batch_size: int, num_devices: int) -> None:
-  where = f"stage {stage} global batch B={batch}"
+def _check_fits(stage: int, batch: int, num_train_examples: int) -> None:
   _require(batch <= num_train_examples,
-           f"{where} exceeds dataset.num_train_examples={num_train_examples}; "
-           "lower schedule.max_batch or schedule.batch_size")
+           f"stage {stage} global batch B={batch} exceeds "
+           f"dataset.num_train_examples={num_train_examples}; lower "
+           "schedule.max_batch or schedule.batch_size")
+
+
+def _check_split(stage: int, batch: int, ghost_batch_size: int,
+                 num_devices: int) -> None:
+  where = f"stage {stage} global batch B={batch}"
   _require(batch % num_devices == 0,
            f"{where} is not divisible by the device count {num_devices}")
   per_device = batch // num_devices
@@ -417,12 +435,14 @@ def _check_batch(stage: int, batch: int, num_train_examples: int,
 
 
 def plan_from_config(config, num_devices: int = 1,
-                     decisions: Sequence[tuple[int, int]] = ()) -> Plan:
+                     decisions: Sequence[tuple[int, int]] = (),
+                     devices_from_examples: int = 0) -> Plan:
   """The plan of a full experiment config (see configs/base.py)."""
   return build_plan(config.schedule,
                     num_train_examples=config.dataset.num_train_examples,
                     ghost_batch_size=config.ghost_batch_size,
-                    num_devices=num_devices, decisions=decisions)
+                    num_devices=num_devices, decisions=decisions,
+                    devices_from_examples=devices_from_examples)
 
 
 def main(argv: Sequence[str]) -> None:
