@@ -3,12 +3,14 @@ import json
 import os
 import signal
 import subprocess
+import types
 
 import pytest
 from ml_collections import config_dict
 
 from configs import base
 from trainer import adaptive
+from trainer import micro_batching
 from trainer import plan as plan_lib
 from tests.tiny_run import ENV, assert_same_state, checkpoint_steps, command
 
@@ -66,6 +68,18 @@ def test_plan_from_decisions():
   assert p.at(6656).step == 28 and p.at(6656).batch_size == 1024
   linear = plan([(2560, 512)], adaptive_lr_rule="linear")
   assert [s.learning_rate for s in linear.stages] == [0.1, pytest.approx(0.4)]
+
+
+def test_sizes_to_run_from_a_position():
+  """The stage's own size and every larger one it may pick, compiled
+  ahead; none once the plan is done (rerunning a finished adaptive run
+  raised an IndexError here)."""
+  config = types.SimpleNamespace(schedule=schedule())
+  p = plan([(2560, 512), (6656, 1024)])
+  assert micro_batching.batch_sizes_to_run(config, p, 0) == [
+      128, 512, 1024, 2048]
+  assert micro_batching.batch_sizes_to_run(config, p, 6656) == [1024, 2048]
+  assert micro_batching.batch_sizes_to_run(config, p, p.total_examples) == []
 
 
 def test_plan_without_decisions_runs_b0_to_the_end():

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import NoReturn
-
 import jax
 
 
@@ -38,19 +36,19 @@ def describe() -> str:
           f"({jax.local_device_count()} on process {jax.process_index()})")
 
 
-def process_count() -> int:
-  return jax.process_count()
-
-
-def abandon(error: BaseException) -> NoReturn:
+def exit_now_if_others_wait(error: BaseException) -> None:
   """Ends this process of a multi-process run now, after `error` (a
-  one-line error's SystemExit, or any exception, printed here).
+  one-line error's SystemExit, or any exception, printed here); returns for
+  a single process or a clean exit.
 
   Exiting normally would wait at JAX's shutdown barrier (5 minutes) for
   processes that are themselves waiting for this one in the next step's
   collectives, then abort them all. Gone at once, it is reported to the
   others by JAX's distributed service, which ends them.
   """
+  if jax.process_count() == 1 or (isinstance(error, SystemExit)
+                                  and not error.code):
+    return
   code = 1
   if isinstance(error, SystemExit):
     code = error.code if isinstance(error.code, int) else 1

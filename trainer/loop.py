@@ -64,12 +64,8 @@ def create_train_state(config, model, tx, mesh, seed: int):
                  out_shardings=mesh_lib.replicated(mesh))()
 
 
-def _scalar(value, sharding):
-  return _replicated_float32(float(value), sharding)
-
-
 @functools.lru_cache(maxsize=256)
-def _replicated_float32(value: float, sharding):
+def _scalar(value: float, sharding):
   """A float32 scalar on `sharding`, made once per value: with several
   processes every device_put of a host value first checks with the others
   that theirs is equal (a blocking exchange), which the step's ε, m and
@@ -247,8 +243,7 @@ def _train(config, workdir, plan, mesh, model, tx, sources, is_chief):
   if is_chief:
     print(plan.table(), flush=True)
     print(f"{distributed.describe()}; workdir {workdir}", flush=True)
-    for batch_size in dict.fromkeys(s.batch_size for s in plan.stages
-                                    if s.end_examples > examples_seen):
+    for batch_size in plan.batch_sizes_from(examples_seen):
       k = compile_lib.micro_batches(batch_size, mesh.size,
                                     config.max_device_batch,
                                     config.ghost_batch_size)
@@ -644,12 +639,9 @@ def _run(config, plan, state, examples_seen, wall_time, noise, decisions,
   replicated = mesh_lib.replicated(mesh)
   eval_every = max(1, round(config.eval_every_epochs * n))
   next_eval = (examples_seen // eval_every + 1) * eval_every
-  sizes = [st.batch_size for st in plan.stages
-           if st.end_examples > examples_seen]
-  if adaptive:  # Every size the schedule may pick, compiled ahead.
-    sizes += [b for b in adaptive_lib.allowed_batch_sizes(s, batch0)
-              if b > sizes[-1]]
-  compiler.start(list(dict.fromkeys(sizes)))
+  # Every size the schedule may pick, compiled ahead.
+  compiler.start(micro_batching.batch_sizes_to_run(config, plan,
+                                                   examples_seen))
   run_start = time.perf_counter() - wall_time
   clock = _Clock(time.perf_counter(), examples_seen)
   reader = _StepReader(config, mesh, noise, checkpoints, writer, is_chief,

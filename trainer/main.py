@@ -41,9 +41,7 @@ def main(argv):
     except loop.RUN_ERRORS as e:
       cli.fail(str(e))
   except BaseException as e:  # pylint: disable=broad-except
-    if distributed.process_count() > 1 and not (
-        isinstance(e, SystemExit) and not e.code):
-      distributed.abandon(e)
+    distributed.exit_now_if_others_wait(e)
     raise
 
 

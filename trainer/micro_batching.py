@@ -46,17 +46,22 @@ def micro_batches(batch_size: int, num_devices: int, max_device_batch: int,
   return per_device // max_device_batch
 
 
+def batch_sizes_to_run(config, plan, from_examples: int = 0) -> list[int]:
+  """Every global batch the run may use from `from_examples` on (a resumed
+  run's position), in order: its stages' and, with kind='adaptive', every
+  larger size the schedule may pick."""
+  sizes = list(plan.batch_sizes_from(from_examples))
+  if sizes and config.schedule.kind == "adaptive":
+    sizes += [b for b in adaptive.allowed_batch_sizes(
+        config.schedule, plan.stages[0].batch_size) if b > sizes[-1]]
+  return sizes
+
+
 def check_batch_sizes(config, plan, num_devices: int,
                       from_examples: int = 0) -> None:
-  """Every global batch the run may use from `from_examples` on (a resumed
-  run's position) splits into whole micro-batches over `num_devices` (with
-  kind='adaptive', every size it may pick)."""
-  sizes = [s.batch_size for s in plan.stages if s.end_examples > from_examples]
-  if config.schedule.kind == "adaptive":
-    sizes = [b for b in adaptive.allowed_batch_sizes(
-        config.schedule, plan.stages[0].batch_size)
-             if b >= min(sizes, default=0)]
-  for batch_size in sizes:
+  """Every batch of `batch_sizes_to_run` splits into whole micro-batches
+  over `num_devices`."""
+  for batch_size in batch_sizes_to_run(config, plan, from_examples):
     micro_batches(batch_size, num_devices, config.max_device_batch,
                   config.ghost_batch_size)
 

@@ -98,7 +98,13 @@ class Plan:
   @property
   def batch_sizes(self) -> tuple[int, ...]:
     """Distinct global batch sizes, in order of first use."""
-    return tuple(dict.fromkeys(s.batch_size for s in self.stages))
+    return self.batch_sizes_from(0)
+
+  def batch_sizes_from(self, examples_seen: int) -> tuple[int, ...]:
+    """Distinct batch sizes of the stages still to run at `examples_seen`
+    (a resumed run's position), in order of first use."""
+    return tuple(dict.fromkeys(s.batch_size for s in self.stages
+                               if s.end_examples > examples_seen))
 
   def stage_at(self, examples_seen: int) -> Stage:
     if not 0 <= examples_seen < self.total_examples:

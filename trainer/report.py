@@ -163,9 +163,8 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     for run in group[1:]:
       if first.config is None or run.config is None:
         continue
-      differ = [d for d in workdir_lib.training_differences(first.config,
-                                                             run.config)
-                if not d.startswith("seed (")]
+      differ = workdir_lib.training_differences(
+          dict(first.config, seed=None), dict(run.config, seed=None))
       if differ:
         raise ReportError(
             f"{first.workdir} and {run.workdir} share the label {label!r} "
