@@ -20,7 +20,8 @@ def default_virtual_devices(count: int) -> None:
 
 def load_config(config_path, overrides):
   """`config_path` ("file.py" or "file.py:variant") with FIELD=VALUE
-  `overrides` applied (values parsed as Python literals where they are)."""
+  `overrides` applied (values parsed as Python literals where they are, and
+  true/false in any case as booleans, as in `--config.x=` flags)."""
   from ml_collections.config_flags import config_flags as cf
   path, _, variant = config_path.partition(":")
   config = cf._LoadConfigModule("bench_config", path).get_config(variant or None)
@@ -30,11 +31,22 @@ def load_config(config_path, overrides):
     node = config
     for name in parents:
       node = node[name]
+    if value.lower() in ("true", "false"):
+      node[leaf] = value.lower() == "true"
+      continue
     try:
       node[leaf] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       node[leaf] = value
   return config
+
+
+def as_on_accelerator(config) -> None:
+  """Resolves the config's platform-dependent fields (`model.bn_fuse_relu`)
+  as the trainer does on a GPU or TPU, for programs compiled for one on the
+  CPU, where the trainer would resolve them otherwise."""
+  if config.model.bn_fuse_relu is None:
+    config.model.bn_fuse_relu = True
 
 
 def random_batch(rng, dataset, batch_size: int) -> dict:

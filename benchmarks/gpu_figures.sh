@@ -38,12 +38,18 @@
 #   BUDGET_S=560 PARTS="reference_step reference_in_flight in_flight \
 #       gpu_program" bash benchmarks/gpu_figures.sh   # one 600-s device call
 #
-# Python packages the GPU image may lack (ml-collections, tensorboardX,
-# opencv-python-headless: 61 MB, which still fits the device tool's 64 MiB) are
-# installed from wheels in .whl/ when that folder exists; made beforehand with
+# Python packages the GPU image lacks (ml-collections, tensorboardX; and for
+# input_pipeline's JPEG cases TFDS and what it needs beyond the image: 10 MB
+# in all; the image has OpenCV) are installed from wheels in .whl/ when that
+# folder exists; made beforehand with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux_2_28_x86_64 -d .whl ml-collections tensorboardX \
-#       opencv-python-headless
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl ml-collections tensorboardX tensorflow-datasets==4.9.10 \
+#       array-record==0.8.6 dm-tree immutabledict simple-parsing \
+#       tensorflow-metadata termcolor toml docstring-parser \
+#       googleapis-common-protos importlib-resources
+#   pip wheel --no-deps -w .whl promise     # no wheel on PyPI
+# Without TFDS, input_pipeline skips its JPEG cases with a line saying so.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
@@ -114,7 +120,8 @@ reference_in_flight() {
   timeout "${LIMIT[reference_in_flight]}" "$PY" benchmarks/reference_step.py \
       --models=resnet50 \
       --image_size=224 --batch_size=256 --ghost_batch_size=32 \
-      --dtype=bfloat16 --peak_size=8192 --in_flight=2 --steps=20 --rounds=2 \
+      --dtype=bfloat16 --peak_size=8192 --bn_relu=fused,separate \
+      --in_flight=2 --steps=20 --rounds=2 \
       2>&1 | tee "$OUT/reference_in_flight.txt"
 }
 

@@ -125,6 +125,7 @@ def main():
       f"ghost_batch_size={a.ghost_batch_size}"])
   start = time.perf_counter()
   if a.gpu:
+    common.as_on_accelerator(config)
     fits, not_tried = _compile_only(a, config, description), set()
   else:
     fits, not_tried = _on_device(a, config, start)

@@ -82,10 +82,11 @@ def get_base_config() -> config_dict.ConfigDict:
       # With it, take the ReLU after a batch norm (and a ResNet block's skip
       # add before that ReLU) inside the norm's gradient, which recomputes
       # the ReLU's mask from its input: no separate pass over the
-      # activations for the ReLU's gradient. Same values. Off: 4-8% slower
-      # on the CPU; on an H100 the ReLU alone gave the same step time
-      # (README, "Performance on one H100").
-      bn_fuse_relu=False,
+      # activations for the ReLU's gradient. Same outputs, gradients to
+      # float32 rounding. None: on for GPUs and TPUs, off on the CPU (2.7%
+      # more ResNet-50 examples/s on an H200, 4-8% fewer for the small
+      # model on the CPU; README, "Performance on one GPU").
+      bn_fuse_relu=placeholder(bool),
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))
   # Batch norm statistics are taken over groups of this many examples, in

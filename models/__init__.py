@@ -12,6 +12,7 @@ the train step folds them into the running averages with
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models.ghost_batch_norm import GhostBatchNorm
@@ -30,7 +31,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 __all__ = [
     "DTYPES", "GhostBatchNorm", "InceptionResNetV2", "MODEL_NAMES", "ResNet",
-    "ResNet50", "SmallResNet", "WideResNet", "create_model",
+    "ResNet50", "SmallResNet", "WideResNet", "create_model", "fuse_relu",
     "running_stats_decay", "update_running_stats",
 ]
 
@@ -64,7 +65,7 @@ def create_model(config) -> nn.Module:
       ghost_batch_size=config.ghost_batch_size, bn_epsilon=m.bn_epsilon,
       bn_fast_variance=m.bn_fast_variance,
       bn_explicit_gradient=m.bn_explicit_gradient,
-      bn_fuse_relu=m.bn_fuse_relu,
+      bn_fuse_relu=fuse_relu(config),
       pixel_mean=tuple(config.dataset.mean),
       pixel_std=tuple(config.dataset.std),
       dtype=DTYPES[m.dtype])
@@ -78,3 +79,11 @@ def create_model(config) -> nn.Module:
     return ResNet50(zero_init_residual=m.zero_init_residual, **common)
   check_depth(m.depth)
   return WideResNet(depth=m.depth, widen_factor=m.widen_factor, **common)
+
+
+def fuse_relu(config) -> bool:
+  """`config.model.bn_fuse_relu`, or where unset: on for the accelerators
+  (GPUs, TPUs), where the passes it saves over the activations are the
+  step's bottleneck, off on the CPU, where it was slower."""
+  fuse = config.model.bn_fuse_relu
+  return jax.default_backend() != "cpu" if fuse is None else fuse

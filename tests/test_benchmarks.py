@@ -508,3 +508,38 @@ def test_input_pipeline_refuses_a_bad_process_count(value):
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert (f"--processes={value}: each value must be a positive integer "
           "(threads: --workers)") in r.stderr
+
+
+@pytest.mark.parametrize("field,value,want", [
+    ("model.bn_fuse_relu", "true", True),
+    ("model.bn_fuse_relu", "False", False),
+    ("model.bn_fuse_relu", "TRUE", True),
+    ("model.width", "3", 3),
+    ("optimizer.momentum", "0.5", 0.5),
+    ("optimizer.name", "sgd", "sgd")])
+def test_benchmark_overrides_read_values_as_config_flags_do(field, value,
+                                                             want):
+  # `--set model.bn_fuse_relu=true` was a string, refused by ml_collections.
+  got = common.load_config(str(ROOT / "configs/fashion_mnist.py"),
+                           [f"{field}={value}"])
+  for name in field.split("."):
+    got = got[name]
+  assert got == want and type(got) is type(want)
+
+
+def test_input_pipeline_without_tfds_runs_the_other_cases():
+  # The GPU machine's image has no TFDS: the part ended in an ImportError.
+  hide_tfds = ("import runpy, sys; sys.modules['tensorflow_datasets'] = None; "
+               "runpy.run_module('benchmarks.input_pipeline', "
+               "run_name='__main__')")
+  r = subprocess.run([sys.executable, "-c", hide_tfds, "--seconds=0.1",
+                      "--workers=0", "--processes=", "--step_batch_sizes="],
+                     cwd=ROOT, capture_output=True, text=True, check=False,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert ("skipping imagenet_jpeg_mock and imagenet_array_record: import of "
+          "tensorflow_datasets halted") in r.stdout
+  cases = {line.split()[0] for line in r.stdout.splitlines()
+           if not line.startswith(("skipping", "host:", "case"))}
+  assert "synthetic_224_inception" in cases, r.stdout
+  assert not any(case.startswith("imagenet") for case in cases), r.stdout

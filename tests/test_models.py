@@ -248,6 +248,17 @@ def test_batch_norm_settings_reach_every_norm(name, image_shape, field,
   assert seen and set(seen) == {value}
 
 
+@pytest.mark.parametrize("backend,value,want", [
+    ("cpu", None, False), ("gpu", None, True), ("tpu", None, True),
+    ("gpu", False, False), ("cpu", True, True)])
+def test_unset_bn_fuse_relu_is_on_for_accelerators_only(monkeypatch, backend,
+                                                        value, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  config = make_config("small_resnet", bn_fuse_relu=value)
+  assert models.create_model(config).bn_fuse_relu is want
+  assert config.model.bn_fuse_relu is value  # The record keeps what was set.
+
+
 @pytest.mark.parametrize("name,image_shape,want", [
     # (norms, with ReLU, with a residual as well): stem + 16 bottlenecks of
     # three norms, the last taking the skip, + 4 projections.
