@@ -41,14 +41,6 @@ def load_config(config_path, overrides):
   return config
 
 
-def as_on_accelerator(config) -> None:
-  """Resolves the config's platform-dependent fields (`model.bn_fuse_relu`)
-  as the trainer does on a GPU or TPU, for programs compiled for one on the
-  CPU, where the trainer would resolve them otherwise."""
-  if config.model.bn_fuse_relu is None:
-    config.model.bn_fuse_relu = True
-
-
 def random_batch(rng, dataset, batch_size: int) -> dict:
   """A host batch of uniform uint8 pixels and labels shaped like `dataset`
   (the input pipeline's batches hold uint8 pixels)."""

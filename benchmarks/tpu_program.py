@@ -75,7 +75,6 @@ def hbm_gib(topology: str) -> float | None:
 def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
-  from benchmarks.common import as_on_accelerator
   from benchmarks.common import compile_stage, load_config, unwritable
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--topology", default="v5e:2x2",
@@ -104,7 +103,8 @@ def main():
   if unwritable(a.json):
     p.error(unwritable(a.json))
   config = load_config(a.config, a.set)
-  as_on_accelerator(config)
+  import models  # As the trainer would resolve it on the TPU, not here.
+  config.model.bn_fuse_relu = models.fuse_relu(config, "tpu")
   per_device = a.per_device_batch or config.max_device_batch
   if per_device % config.ghost_batch_size:
     p.error(f"--per_device_batch {per_device} is not a multiple of "

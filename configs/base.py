@@ -83,9 +83,10 @@ def get_base_config() -> config_dict.ConfigDict:
       # add before that ReLU) inside the norm's gradient, which recomputes
       # the ReLU's mask from its input: no separate pass over the
       # activations for the ReLU's gradient. Same outputs, gradients to
-      # float32 rounding. None: on for GPUs and TPUs, off on the CPU (2.7%
+      # float32 rounding. None: on for GPUs, off on the CPU and TPUs (2.7%
       # more ResNet-50 examples/s on an H200, 4-8% fewer for the small
-      # model on the CPU; README, "Performance on one GPU").
+      # model on the CPU; on a TPU untimed, and 1.6 GiB more per v5e chip;
+      # README, "Performance on one GPU").
       bn_fuse_relu=placeholder(bool),
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))

@@ -95,6 +95,7 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   workdir.mkdir()
   saved = json.loads(cifar10_increase_batch.get_config("smoke").to_json())
   saved["seed"] = 1
+  saved["model"]["bn_fuse_relu"] = False  # Recorded as resolved on the CPU.
   (workdir / "config.json").write_text(json.dumps(saved))
   r = run_main(SMOKE, f"--workdir={workdir}")
   assert r.returncode == 2
@@ -103,3 +104,18 @@ def test_workdir_of_another_config_is_refused(tmp_path):
                          "config: "), r.stderr
   assert line.endswith("config: seed (1 → 0); use a new --workdir, or pass "
                        "--allow_config_change to resume with it"), line
+
+
+def test_a_run_recorded_with_the_relu_fused_is_a_change_on_the_cpu(tmp_path):
+  # bn_fuse_relu unset is on for GPUs and TPUs, off here: the record holds
+  # what trained, so a GPU run resumed here is another config.
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  saved = json.loads(cifar10_increase_batch.get_config("smoke").to_json())
+  saved["model"]["bn_fuse_relu"] = True
+  (workdir / "config.json").write_text(json.dumps(saved))
+  r = run_main(SMOKE, f"--workdir={workdir}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].endswith(
+      "config: model.bn_fuse_relu (True → False); use a new --workdir, or "
+      "pass --allow_config_change to resume with it"), r.stderr
