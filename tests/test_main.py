@@ -107,8 +107,8 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 
 
 def test_a_run_recorded_with_the_relu_fused_is_a_change_on_the_cpu(tmp_path):
-  # bn_fuse_relu unset is on for GPUs and TPUs, off here: the record holds
-  # what trained, so a GPU run resumed here is another config.
+  # bn_fuse_relu unset is on for GPUs, off here: the record holds what
+  # trained, so a GPU run resumed here is another config.
   workdir = tmp_path / "w"
   workdir.mkdir()
   saved = json.loads(cifar10_increase_batch.get_config("smoke").to_json())

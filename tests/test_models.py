@@ -251,8 +251,8 @@ def test_batch_norm_settings_reach_every_norm(name, image_shape, field,
 @pytest.mark.parametrize("backend,value,want", [
     ("cpu", None, False), ("gpu", None, True), ("tpu", None, False),
     ("gpu", False, False), ("cpu", True, True), ("tpu", True, True)])
-def test_unset_bn_fuse_relu_is_on_for_gpus_only(monkeypatch, backend,
-                                                        value, want):
+def test_unset_bn_fuse_relu_is_on_for_gpus_only(monkeypatch, backend, value,
+                                                want):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   config = make_config("small_resnet", bn_fuse_relu=value)
   assert models.create_model(config).bn_fuse_relu is want
