@@ -12,9 +12,12 @@
 #      steps waited for one step later (reference_in_flight).
 #   3. The largest per-device batch of that step that fits: the largest
 #      size that max_device_batch.py --gpu, compiling for an H100 on a CPU
-#      at this memory fraction, says fits (2,816: 70.55 GiB by XLA's
-#      estimate) and the first it says does not (2,944: 80.44 GiB), each
-#      tried (1,024 and 2,048 ran on an H200 within 0.5% of the estimates).
+#      at this memory fraction, says fits (2,816: 67.47 GiB by XLA's
+#      estimate with the ReLU inside the norm's gradient, the GPUs'
+#      default; 70.55 without) and the first it says does not (2,944: 71.61
+#      and 80.44 GiB), each tried (1,024 and 2,048 ran on an H200 within
+#      0.5% of XLA's estimates compiled here with room for every
+#      activation, without the ReLU inside: 39.25 and 79.06).
 #      MEM_FRACTION (default 0.9) sets XLA_PYTHON_CLIENT_MEM_FRACTION:
 #      0.51 leaves an H200 an H100's 71.3 GiB for arrays.
 #   4. Stage switches and second-launch compile time of the smoke config.
@@ -37,8 +40,8 @@
 #
 #   bash benchmarks/gpu_figures.sh      # from the repository root
 #   PARTS="reference_step max_device_batch" bash benchmarks/gpu_figures.sh
-#   BUDGET_S=560 PARTS="reference_step reference_in_flight in_flight \
-#       gpu_program" bash benchmarks/gpu_figures.sh   # one 600-s device call
+#   BUDGET_S=560 PARTS="reference_in_flight input_pipeline \
+#       max_device_batch" bash benchmarks/gpu_figures.sh  # one 600-s call
 #
 # Python packages the GPU image lacks (ml-collections, tensorboardX; and for
 # input_pipeline's JPEG cases TFDS and what it needs beyond the image: 10 MB

@@ -9,8 +9,8 @@ batch, same mesh; plus model-FLOPs utilisation.
         [--cross] [--profile_steps=3] [--ops_json=ops.json]
 
 On one GPU, the figure the performance issue asks for (bf16, 224 px;
-`benchmarks/gpu_figures.sh` runs it with both batch norm gradients,
-`--cross` and a profile):
+`benchmarks/gpu_figures.sh` runs it with both batch norm gradients, both
+places of the ReLU and a profile, and `--cross` with CROSS=1):
 
     JAX_PLATFORMS=cuda python benchmarks/reference_step.py --models=resnet50 \
         --image_size=224 --batch_size=256 --ghost_batch_size=32 \
@@ -168,7 +168,8 @@ def build(name, args, compile_steps: bool = True) -> dict:
   # ReLU's place matters only to the written-out gradient).
   variances = choices(args.bn_variance, BN_VARIANCES, "--bn_variance")
   gradients = choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
-  relus = choices(args.bn_relu, BN_RELUS, "--bn_relu")
+  relus = choices(args.bn_relu or ("fused" if models.fuse_relu(config)
+                                   else "separate"), BN_RELUS, "--bn_relu")
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
   for who, variance, gradient, relu in our_variants(variances, gradients,
                                                     relus):
@@ -470,11 +471,12 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--bn_gradient", default="explicit",
                  help="ghost batch norm gradient of ours: explicit, "
                       "autodiff or both (comma-separated), each a row")
-  p.add_argument("--bn_relu", default="separate",
+  p.add_argument("--bn_relu", default="",
                  help="with the explicit gradient, the ReLU (and a skip "
                       "add before it) after a batch norm inside its "
                       "gradient (fused), after it (separate) or both "
-                      "(comma-separated), each a row")
+                      "(comma-separated), each a row; default: the "
+                      "trainer's on this platform (fused on a GPU)")
   p.add_argument("--profile_steps", type=int, default=0,
                  help="after timing, trace this many steps of each trainer "
                       "and print device time per kind of operation")
