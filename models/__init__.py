@@ -83,10 +83,12 @@ def create_model(config) -> nn.Module:
 
 def fuse_relu(config, backend: str | None = None) -> bool:
   """`config.model.bn_fuse_relu`, or where unset: True on GPUs, where it was
-  faster; False elsewhere (slower on the CPU; untimed on TPUs, where it
-  needs more memory). `backend`: the platform the model will run on
-  (default: JAX's default backend)."""
+  faster, with the written-out gradient (the only one it changes); False
+  elsewhere (slower on the CPU; untimed on TPUs, where it needs more
+  memory). `backend`: the platform the model will run on (default: JAX's
+  default backend)."""
   fuse = config.model.bn_fuse_relu
   if fuse is None:
-    return (backend or jax.default_backend()) == "gpu"
+    return ((backend or jax.default_backend()) == "gpu"
+            and config.model.bn_explicit_gradient)
   return fuse

@@ -257,6 +257,9 @@ def test_unset_bn_fuse_relu_is_on_for_gpus_only(monkeypatch, backend, value,
   config = make_config("small_resnet", bn_fuse_relu=value)
   assert models.create_model(config).bn_fuse_relu is want
   assert config.model.bn_fuse_relu is value  # The record keeps what was set.
+  # With autodiff's gradient the option changes nothing: unset, it is off.
+  config.model.bn_explicit_gradient = False
+  assert models.fuse_relu(config) is (want and value is not None)
 
 
 @pytest.mark.parametrize("name,image_shape,want", [
