@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import portpicker
 import pytest
@@ -48,10 +49,15 @@ def _two_processes(workdir, cache, *extra, sigterm_after=None, check=True,
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, xla_cache, tiny_reference):
-  cache, single = xla_cache, tiny_reference
+def two_run(tmp_path_factory, xla_cache):
+  """The tiny run as two processes: its workdir and outputs."""
   two = str(tmp_path_factory.mktemp("two"))
-  return cache, single, two, _two_processes(two, cache)
+  return two, _two_processes(two, xla_cache)
+
+
+@pytest.fixture(scope="module")
+def runs(xla_cache, tiny_reference, two_run):
+  return (xla_cache, tiny_reference, *two_run)
 
 
 def _assert_same_training(single, two):
@@ -132,6 +138,56 @@ def test_preemption_during_a_resumed_start_up_is_honoured(runs, tmp_path):
   # reached the coordination service: one or two steps in, not the end.
   assert 17 <= int(saved.group(1)) < TOTAL_STEPS
   assert checkpoint_steps(workdir)[-1] == int(saved.group(1))
+
+
+# Two bare processes: report_start(16) with a notice before or after it; the
+# first step of 17.. at which PreemptionWatcher stops.
+_REPORT_START = """
+import sys, jax
+from tests import early_notice
+from trainer import preemption
+port, pid, notice = sys.argv[1:]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2,
+                           process_id=int(pid))
+if notice == "before":
+  early_notice.notice_and_wait()
+at_start = preemption.report_start(16)
+if notice == "after":
+  early_notice.notice_and_wait()
+watcher = preemption.PreemptionWatcher(requested=at_start)
+print("stops at", next((s for s in range(17, 100) if watcher.should_stop(s)),
+                       None))
+"""
+
+
+@pytest.mark.parametrize("notice", ["before", "after"])
+def test_a_notice_before_or_after_report_start_stops_at_the_first_step(
+    notice):
+  """JAX agrees a notice at the step after the latest any process has
+  reported, 0 before any: one before report_start(16) at step 1, which a
+  run resumed at 16 passes only while report_start replays 1..16."""
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      ["timeout", "-s", "KILL", "120", sys.executable, "-c", _REPORT_START,
+       str(port), str(i), notice],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+           for i in range(2)]
+  for p in procs:
+    out, err = p.communicate()
+    assert p.returncode == 0, err[-3000:]
+    assert out.strip() == "stops at 17", (out, err[-3000:])
+
+
+def test_a_notice_before_a_resumed_run_reports_its_start_is_honoured(
+    xla_cache, two_run, tmp_path):
+  """SIGTERM before report_start (during model init, the data checks):
+  agreed at step 1, which the run resumed at 16 never reached (it trained
+  to the end, killed there in a real preemption); it stops at 17."""
+  workdir = _stopped_at_step_16(two_run[0], tmp_path / "early")
+  outs = _two_processes(workdir, xla_cache, runner="tests/early_notice.py")
+  assert "resumed from step 16" in outs[0][0], outs[0][0][-3000:]
+  assert "preempted: saved step 17 " in outs[0][0], outs[0][0][-3000:]
+  assert checkpoint_steps(workdir)[-1] == 17
 
 
 def test_an_error_on_one_process_ends_both_at_once(runs, tmp_path):

@@ -2,10 +2,12 @@
 
 On a multi-process run JAX's distributed runtime catches SIGTERM itself, and
 `reached_preemption_sync_point` makes every process agree on the step to save
-at: the step after the latest one any process has reported. A resumed run
-reports its starting step first (`report_start`, as soon as it knows it),
-or a notice during start-up (restore, the first compile) would be agreed at
-step 1, which a run resumed past it never reaches. A single process installs
+at: the step after the latest one any process has reported (0 before any),
+and only a call with exactly that step answers True. A resumed run reports
+every step up to its start, in order (`report_start`): a notice that came
+before (from jax.distributed.initialize on: model init, the data checks)
+was agreed at a step it passes there, and one during the rest of start-up
+(restore, the first compile) at its first step. A single process installs
 its own handler, and treats Ctrl-C (SIGINT) the same way; a second Ctrl-C
 stops at once, saving nothing more.
 """
@@ -21,11 +23,23 @@ from jax.experimental import multihost_utils
 
 def report_start(step: int) -> bool:
   """Reports the step a multi-process run starts from to JAX's preemption
-  sync; True if every process should stop there (a notice already agreed
-  on it). A single process has nothing to report."""
+  sync; True if every process should stop at its first step (a notice was
+  already agreed at or before `step`). A single process has nothing to
+  report.
+
+  Steps 1 to `step` are reported in order, as if the run had called at each
+  (what JAX asks): a sync point agreed at k + 1, k the latest step any
+  process had reported, is one no process has passed, so each meets it
+  here (k < `step`) or at the loop's first step (k = `step`). Reporting
+  `step` alone missed a notice that came before it: agreed at step 1. A
+  million steps take about 0.3 s.
+  """
   if jax.process_count() == 1:
     return False
-  return multihost_utils.reached_preemption_sync_point(step)
+  for s in range(1, step + 1):
+    if multihost_utils.reached_preemption_sync_point(s):
+      return True
+  return False
 
 
 class PreemptionWatcher:
