@@ -168,8 +168,8 @@ def build(name, args, compile_steps: bool = True) -> dict:
   # ReLU's place matters only to the written-out gradient).
   variances = choices(args.bn_variance, BN_VARIANCES, "--bn_variance")
   gradients = choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
-  relus = choices(args.bn_relu or ("fused" if models.fuse_relu(config)
-                                   else "separate"), BN_RELUS, "--bn_relu")
+  relus = choices(args.bn_relu or default_relu(config), BN_RELUS,
+                  "--bn_relu")
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
   for who, variance, gradient, relu in our_variants(variances, gradients,
                                                     relus):
@@ -192,6 +192,12 @@ def build(name, args, compile_steps: bool = True) -> dict:
   return dict(config=config, mesh=mesh, batch=batch,
               hyper=common.step_hyper(mesh, learning_rate=0.1), ours=ours,
               refs=refs)
+
+
+def default_relu(config) -> str:
+  """The BN_RELUS row the trainer would run on this platform."""
+  import models
+  return "fused" if models.fuse_relu(config) else "separate"
 
 
 def set_variant(config, variance: str, gradient: str, relu: str) -> None:

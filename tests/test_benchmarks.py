@@ -362,6 +362,15 @@ def test_unknown_bn_relu_is_refused():
                             "--bn_relu")
 
 
+@pytest.mark.parametrize("backend,want", [("gpu", "fused"), ("cpu", "separate"),
+                                          ("tpu", "separate")])
+def test_reference_step_times_the_trainers_relu_by_default(monkeypatch,
+                                                           backend, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  config = common.load_config(str(ROOT / "configs/imagenet_resnet50.py"), [])
+  assert reference_step.default_relu(config) == want
+
+
 @pytest.mark.parametrize("variances,gradients,relus,want", [
     (["one_pass"], ["explicit"], ["fused"], ["ours"]),
     (["one_pass"], ["explicit", "autodiff"], ["fused", "separate"],
