@@ -1,11 +1,14 @@
 #!/bin/bash
 # shellcheck disable=SC2317  # The parts' functions are called by name.
 # The performance figures that need a GPU, in one command (one lease):
-#   1. ResNet-50, bf16, 224 px, B=256: ours (batch norm gradient written
-#      out with the ReLU inside it or after it, and by autodiff) against
+#   1. ResNet-50, bf16, 224 px, B=256: ours (the GPUs' batch norm, its
+#      gradient written out with the ReLU inside; the stem's 7x7/2 conv as
+#      it is and over 2x2 pixel blocks, model.stem_space_to_depth) against
 #      the Flax-ImageNet-style reference (CROSS=1 adds each step with
 #      the other's model): examples/s, MFU, each step's device time per
-#      kind of operation (profiler trace) and its optimised HLO.
+#      kind of operation (profiler trace) and its optimised HLO. (The
+#      ReLU after the norm and autodiff's gradient: --bn_relu=separate,
+#      --bn_gradient=autodiff; timed in the fourth session.)
 #   2. The trainer's ResNet-50 step with each uint8 batch copied from the
 #      host, its metrics read before the next step (steps_in_flight=1) or
 #      one step later (2), alternately; and part 1's comparison with both
@@ -106,8 +109,8 @@ reference_step() {
   timeout "${LIMIT[reference_step]}" "$PY" benchmarks/reference_step.py \
       --models=resnet50 \
       --image_size=224 --batch_size=256 --ghost_batch_size=32 \
-      --dtype=bfloat16 --peak_size=8192 --bn_gradient=explicit,autodiff \
-      --bn_relu=fused,separate "${cross[@]}" \
+      --dtype=bfloat16 --peak_size=8192 --bn_gradient=explicit \
+      --bn_relu=fused --stem=conv,space_to_depth "${cross[@]}" \
       --steps=10 --rounds=2 --profile_steps=3 \
       --ops_json="$OUT/reference_step_ops.json" 2>&1 \
       | tee "$OUT/reference_step.txt"
@@ -125,8 +128,8 @@ reference_in_flight() {
   timeout "${LIMIT[reference_in_flight]}" "$PY" benchmarks/reference_step.py \
       --models=resnet50 \
       --image_size=224 --batch_size=256 --ghost_batch_size=32 \
-      --dtype=bfloat16 --peak_size=8192 --bn_relu=fused,separate \
-      --in_flight=2 --steps=20 --rounds=2 \
+      --dtype=bfloat16 --peak_size=8192 --bn_relu=fused \
+      --stem=conv,space_to_depth --in_flight=2 --steps=20 --rounds=2 \
       2>&1 | tee "$OUT/reference_in_flight.txt"
 }
 

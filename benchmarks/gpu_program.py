@@ -221,9 +221,10 @@ def compile_steps(name: str, args, mesh) -> dict:
   replicated, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
 
   compiled = {}
-  for who, variance, gradient, relu in ref_lib.our_variants(
-      ["one_pass"], args.bn_gradient.split(","), args.bn_relu.split(",")):
-    ref_lib.set_variant(config, variance, gradient, relu)
+  for who, *variant in ref_lib.our_variants(
+      ["one_pass"], args.bn_gradient.split(","), args.bn_relu.split(","),
+      args.stem.split(",")):
+    ref_lib.set_variant(config, *variant)
     model = models.create_model(config)
     tx = common.optimizer(config)
     state = common.abstract_state(config, model, tx, mesh)
@@ -308,6 +309,8 @@ def parser() -> argparse.ArgumentParser:
                  help=f"comma-separated: {', '.join(ref_lib.BN_GRADIENTS)}")
   p.add_argument("--bn_relu", default="separate,fused",
                  help=f"comma-separated: {', '.join(ref_lib.BN_RELUS)}")
+  p.add_argument("--stem", default="conv",
+                 help=f"comma-separated: {', '.join(ref_lib.STEMS)}")
   p.add_argument("--gpu", default=os.path.join(SPECS, "h100_sxm.txtpb"),
                  help="the GPU's description (text GpuTargetConfigProto)")
   p.add_argument("--families", type=int, default=12,
@@ -332,6 +335,7 @@ def main():
               f"{', '.join(ref_lib.MODELS)}")
   ref_lib.choices(a.bn_gradient, ref_lib.BN_GRADIENTS, "--bn_gradient")
   ref_lib.choices(a.bn_relu, ref_lib.BN_RELUS, "--bn_relu")
+  ref_lib.choices(a.stem, ref_lib.STEMS, "--stem")
   if not os.path.isfile(a.gpu):
     p.error(f"no GPU description at {a.gpu}")
   if a.profile and not os.path.isfile(a.profile):

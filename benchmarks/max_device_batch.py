@@ -125,8 +125,8 @@ def main():
       f"ghost_batch_size={a.ghost_batch_size}"])
   start = time.perf_counter()
   if a.gpu:
-    import models  # As the trainer would resolve it on the GPU, not here.
-    config.model.bn_fuse_relu = models.fuse_relu(config, "gpu")
+    import models  # As the trainer would resolve them on the GPU, not here.
+    models.resolve_platform_defaults(config, "gpu")
     fits, not_tried = _compile_only(a, config, description), set()
   else:
     fits, not_tried = _on_device(a, config, start)

@@ -52,6 +52,7 @@ import time
 BN_VARIANCES = ("one_pass", "two_pass")  # model.bn_fast_variance true, false
 BN_GRADIENTS = ("explicit", "autodiff")  # model.bn_explicit_gradient
 BN_RELUS = ("fused", "separate")  # model.bn_fuse_relu (explicit gradient)
+STEMS = ("conv", "space_to_depth")  # model.stem_space_to_depth
 MODELS = {
     # name: (config file, overrides)
     "resnet50": ("configs/imagenet_resnet50.py",
@@ -170,10 +171,10 @@ def build(name, args, compile_steps: bool = True) -> dict:
   gradients = choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
   relus = choices(args.bn_relu or default_relu(config), BN_RELUS,
                   "--bn_relu")
+  stems = choices(args.stem or default_stem(config), STEMS, "--stem")
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
-  for who, variance, gradient, relu in our_variants(variances, gradients,
-                                                    relus):
-    set_variant(config, variance, gradient, relu)
+  for who, *variant in our_variants(variances, gradients, relus, stems):
+    set_variant(config, *variant)
     model = models.create_model(config)
     ours[who] = (config.copy_and_resolve_references(), model,
                  *ours_step(model))
@@ -200,12 +201,20 @@ def default_relu(config) -> str:
   return "fused" if models.fuse_relu(config) else "separate"
 
 
-def set_variant(config, variance: str, gradient: str, relu: str) -> None:
+def default_stem(config) -> str:
+  """The STEMS row the trainer would run on this platform."""
+  import models
+  return "space_to_depth" if models.stem_space_to_depth(config) else "conv"
+
+
+def set_variant(config, variance: str, gradient: str, relu: str,
+                stem: str = "conv") -> None:
   """Sets `config`'s batch norm to one of BN_VARIANCES, BN_GRADIENTS and
-  BN_RELUS."""
+  BN_RELUS, and its stem to one of STEMS."""
   config.model.bn_fast_variance = variance == "one_pass"
   config.model.bn_explicit_gradient = gradient == "explicit"
   config.model.bn_fuse_relu = relu == "fused"
+  config.model.stem_space_to_depth = stem == "space_to_depth"
 
 
 def compile_our_step(config, mesh, model, tx, state, batch_size: int):
@@ -231,18 +240,21 @@ def load_ops_json(path: str) -> list[dict]:
     return json.load(f)
 
 
-def our_variants(variances, gradients, relus):
-  """[(row name, variance, gradient, relu)]: every combination, except that
-  autodiff's gradient runs once (the ReLU's place matters only to the
-  written-out one); a row is named by the settings that vary."""
+def our_variants(variances, gradients, relus, stems=("conv",)):
+  """[(row name, variance, gradient, relu, stem)]: every combination, except
+  that autodiff's gradient runs once per stem (the ReLU's place matters only
+  to the written-out one); a row is named by the settings that vary."""
   rows = []
   for variance in variances:
     for gradient in gradients:
       for relu in relus if gradient == "explicit" else relus[:1]:
-        named = ((variance, variances), (gradient, gradients),
-                 (relu if gradient == "explicit" else "", relus))
-        who = "/".join(["ours"] + [v for v, vs in named if v and len(vs) > 1])
-        rows.append((who, variance, gradient, relu))
+        for stem in stems:
+          named = ((variance, variances), (gradient, gradients),
+                   (relu if gradient == "explicit" else "", relus),
+                   (stem, stems))
+          who = "/".join(["ours"]
+                         + [v for v, vs in named if v and len(vs) > 1])
+          rows.append((who, variance, gradient, relu, stem))
   return rows
 
 
@@ -483,6 +495,11 @@ def parser() -> argparse.ArgumentParser:
                       "gradient (fused), after it (separate) or both "
                       "(comma-separated), each a row; default: the "
                       "trainer's on this platform (fused on a GPU)")
+  p.add_argument("--stem", default="",
+                 help="ResNet-50's 7x7/2 stem conv as it is (conv), as a "
+                      "4x4/1 conv over 2x2 pixel blocks (space_to_depth) or "
+                      "both (comma-separated), each a row; default: the "
+                      "trainer's on this platform")
   p.add_argument("--profile_steps", type=int, default=0,
                  help="after timing, trace this many steps of each trainer "
                       "and print device time per kind of operation")

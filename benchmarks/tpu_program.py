@@ -103,8 +103,8 @@ def main():
   if unwritable(a.json):
     p.error(unwritable(a.json))
   config = load_config(a.config, a.set)
-  import models  # As the trainer would resolve it on the TPU, not here.
-  config.model.bn_fuse_relu = models.fuse_relu(config, "tpu")
+  import models  # As the trainer would resolve them on the TPU, not here.
+  models.resolve_platform_defaults(config, "tpu")
   per_device = a.per_device_batch or config.max_device_batch
   if per_device % config.ghost_batch_size:
     p.error(f"--per_device_batch {per_device} is not a multiple of "

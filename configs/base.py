@@ -88,6 +88,11 @@ def get_base_config() -> config_dict.ConfigDict:
       # model on the CPU; on a TPU untimed, and 1.6 GiB more per v5e chip;
       # README, "Performance on one GPU").
       bn_fuse_relu=placeholder(bool),
+      # ResNet-50's 7x7/2 stem conv over 3 channels computed as a 4x4/1
+      # conv over 2x2 blocks of pixels, 12 channels (models/space_to_depth.py):
+      # the same parameter, outputs to float rounding. None: the platform's
+      # default (models.stem_space_to_depth).
+      stem_space_to_depth=placeholder(bool),
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))
   # Batch norm statistics are taken over groups of this many examples, in

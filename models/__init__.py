@@ -32,7 +32,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 __all__ = [
     "DTYPES", "GhostBatchNorm", "InceptionResNetV2", "MODEL_NAMES", "ResNet",
     "ResNet50", "SmallResNet", "WideResNet", "create_model", "fuse_relu",
-    "running_stats_decay", "update_running_stats",
+    "resolve_platform_defaults", "running_stats_decay",
+    "stem_space_to_depth", "update_running_stats",
 ]
 
 
@@ -76,7 +77,8 @@ def create_model(config) -> nn.Module:
     return SmallResNet(blocks_per_stage=m.blocks_per_stage,
                        zero_init_residual=m.zero_init_residual, **common)
   if m.name == "resnet50":
-    return ResNet50(zero_init_residual=m.zero_init_residual, **common)
+    return ResNet50(zero_init_residual=m.zero_init_residual,
+                    stem_space_to_depth=stem_space_to_depth(config), **common)
   check_depth(m.depth)
   return WideResNet(depth=m.depth, widen_factor=m.widen_factor, **common)
 
@@ -92,3 +94,19 @@ def fuse_relu(config, backend: str | None = None) -> bool:
     return ((backend or jax.default_backend()) == "gpu"
             and config.model.bn_explicit_gradient)
   return fuse
+
+
+def stem_space_to_depth(config, backend: str | None = None) -> bool:
+  """`config.model.stem_space_to_depth`, or where unset: TODO."""
+  value = config.model.stem_space_to_depth
+  if value is None:
+    return False
+  return value
+
+
+def resolve_platform_defaults(config, backend: str | None = None) -> None:
+  """Writes into `config` the value of each model field left unset for the
+  platform to choose (`bn_fuse_relu`, `stem_space_to_depth`), as `backend`
+  (default: JAX's default backend) resolves it."""
+  config.model.bn_fuse_relu = fuse_relu(config, backend)
+  config.model.stem_space_to_depth = stem_space_to_depth(config, backend)

@@ -93,26 +93,39 @@ def _forward(x, window, strides, padding):
 def _backward(window, strides, padding, residuals, dy):
   """dx: at each offset of the window, dy where that offset held the
   window's maximum, placed back at the offset's input positions; summed
-  over offsets (a value in several windows gets each window's share)."""
+  over offsets (a value in several windows gets each window's share).
+
+  Written per phase: a padded input position p = s*m + a (per dimension)
+  is offset a + s*j of window m - j, so the gradient of the positions of
+  phase a is a sum over j of the offset's masked dy shifted by j, at the
+  output's resolution; the phases, interleaved, are dx. Each position thus
+  sums only the offsets that can reach it (at most 4 of a 3x3/2 pool's 9).
+  """
   where, shape = residuals
   spatial = len(shape) - 2
-  padded_shape = ((shape[0],)
-                  + tuple(shape[1 + d] + sum(padding[d])
-                          for d in range(spatial))
-                  + (shape[-1],))
   zero = jnp.zeros((), dy.dtype)
-  dx = None
+  out = dy.shape[1:-1]
+  blocks = [-(-(shape[1 + d] + sum(padding[d])) // strides[d])
+            for d in range(spatial)]
+  phases = {}
   offsets = itertools.product(*(range(w) for w in window))
   for k, offset in enumerate(offsets):
-    chosen = jnp.where(where == k, dy, zero)
-    config = [(0, 0, 0)]
-    for d in range(spatial):
-      span = strides[d] * (dy.shape[1 + d] - 1) + 1
-      config.append((offset[d], padded_shape[1 + d] - offset[d] - span,
-                     strides[d] - 1))
-    config.append((0, 0, 0))
-    placed = lax.pad(chosen, zero, config)
-    dx = placed if dx is None else dx + placed
+    phase = tuple(o % s for o, s in zip(offset, strides))
+    shift = [o // s for o, s in zip(offset, strides)]
+    placed = lax.pad(
+        jnp.where(where == k, dy, zero), zero,
+        [(0, 0, 0)] + [(j, m - n - j, 0) for j, m, n in
+                       zip(shift, blocks, out)] + [(0, 0, 0)])
+    phases[phase] = placed if phase not in phases else phases[phase] + placed
+  empty = jnp.zeros((shape[0], *blocks, shape[-1]), dy.dtype)
+  stacked = jnp.stack([phases.get(a, empty) for a in itertools.product(
+      *(range(s) for s in strides))])  # [s_1 * ... * s_n, B, *blocks, C]
+  stacked = stacked.reshape(*strides, shape[0], *blocks, shape[-1])
+  # -> [B, m_1, s_1, ..., m_n, s_n, C] -> [B, m_1 s_1, ..., m_n s_n, C].
+  order = [spatial] + [i for d in range(spatial)
+                       for i in (spatial + 1 + d, d)] + [2 * spatial + 1]
+  dx = stacked.transpose(order).reshape(
+      shape[0], *(m * s for m, s in zip(blocks, strides)), shape[-1])
   start = (0,) + tuple(p[0] for p in padding) + (0,)
   return (lax.slice(dx, start, tuple(s + p for s, p in zip(shape, start))),)
 

@@ -13,9 +13,12 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from models.ghost_norm_model import GhostNormModel
+from models.ghost_norm_model import conv_kernel_init
 from models.max_pool import max_pool
+from models.space_to_depth import SpaceToDepthConv
 
 ModuleDef = Any
 
@@ -91,12 +94,16 @@ class ResNet(GhostNormModel):
     width: filters of the stem and of the first stage.
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max pool) or 'small' (3x3/1 conv).
     zero_init_residual: zero scale on the last norm of each residual branch.
+    stem_space_to_depth: the 'imagenet' stem's 7x7/2 conv computed as a
+      4x4/1 conv over 2x2 blocks of pixels (models/space_to_depth.py): the
+      same parameter and values.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   width: int
   stem: str
   zero_init_residual: bool
+  stem_space_to_depth: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -106,8 +113,14 @@ class ResNet(GhostNormModel):
     conv, norm = self.conv(), self.norm(train)
     x = self.inputs(images)
     if self.stem == "imagenet":
-      x = conv(self.width, (7, 7), (2, 2), padding=_same_padding(7),
-               name="stem_conv")(x)
+      if self.stem_space_to_depth:
+        x = SpaceToDepthConv(
+            self.width, (7, 7), (2, 2), _same_padding(7), dtype=self.dtype,
+            param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+            name="stem_conv")(x)
+      else:
+        x = conv(self.width, (7, 7), (2, 2), padding=_same_padding(7),
+                 name="stem_conv")(x)
       x = norm(name="stem_norm", relu=True)(x)
       x = max_pool(x, (3, 3), (2, 2), _same_padding(3))
     else:

@@ -14,6 +14,9 @@ POOLS = [
     ((2, 11, 10, 4), (3, 3), (2, 2), ((0, 0), (0, 0))),
     # Overlapping windows of another shape, padded on one side only.
     ((1, 7, 6, 2), (2, 3), (1, 2), ((0, 1), (1, 0))),
+    # Strides longer than the window: input positions no window reaches
+    # (phases of the gradient with no offset), and trailing rows unread.
+    ((1, 11, 9, 2), (2, 1), (3, 2), ((0, 0), (1, 0))),
 ]
 
 

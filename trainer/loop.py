@@ -141,8 +141,8 @@ def train_and_evaluate(config, workdir: str,
   """
   is_chief = jax.process_index() == 0
   # The record names what trains: resumed where the platform would resolve
-  # it otherwise, the run's config has changed.
-  config.model.bn_fuse_relu = models.fuse_relu(config)
+  # them otherwise, the run's config has changed.
+  models.resolve_platform_defaults(config)
   # Every check that can fail on bad input runs before the workdir is touched.
   mesh = mesh_lib.make_mesh()
   # Finished stages need not split over this run's devices (a resume on
