@@ -22,7 +22,10 @@
 #      0.5% of XLA's estimates compiled here with room for every
 #      activation, without the ReLU inside: 39.25 and 79.06).
 #      MEM_FRACTION (default 0.9) sets XLA_PYTHON_CLIENT_MEM_FRACTION:
-#      0.51 leaves an H200 an H100's 71.3 GiB for arrays.
+#      0.51 leaves an H200 an H100's 71.3 GiB for arrays. MAX_SIZES (default
+#      2816,2944) picks the sizes. Compiling 2,816 on an H100, cuDNN's
+#      autotuning included, took over 290 s (fifth session): the part has a
+#      call to itself.
 #   4. Stage switches and second-launch compile time of the smoke config.
 #   5. An ImageNet batch put as float32 normalised on the host against uint8
 #      normalised on the device.
@@ -43,8 +46,9 @@
 #
 #   bash benchmarks/gpu_figures.sh      # from the repository root
 #   PARTS="reference_step max_device_batch" bash benchmarks/gpu_figures.sh
+#   PARTS=max_device_batch bash benchmarks/gpu_figures.sh   # one 600-s call
 #   BUDGET_S=560 PARTS="reference_in_flight input_pipeline \
-#       max_device_batch" bash benchmarks/gpu_figures.sh  # one 600-s call
+#       reference_step" bash benchmarks/gpu_figures.sh  # another
 #
 # Python packages the GPU image lacks (ml-collections, tensorboardX; and for
 # input_pipeline's JPEG cases TFDS and what it needs beyond the image: 10 MB
@@ -64,7 +68,7 @@ cd "$(dirname "$0")/.." || exit 1
 # Each part's time limit in seconds, in the default order.
 declare -A LIMIT=(
   [reference_step]=300 [in_flight]=240 [reference_in_flight]=200
-  [max_device_batch]=300 [stage_switch]=100 [batch_transfer]=60
+  [max_device_batch]=560 [stage_switch]=100 [batch_transfer]=60
   [input_pipeline]=180 [gpu_program]=530)
 PARTS=${PARTS:-reference_step in_flight reference_in_flight max_device_batch stage_switch batch_transfer input_pipeline gpu_program}
 BUDGET_S=${BUDGET_S:-}
@@ -136,8 +140,8 @@ reference_in_flight() {
 max_device_batch() {
   XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.9} \
   timeout "${LIMIT[max_device_batch]}" \
-      "$PY" benchmarks/max_device_batch.py --sizes=2816,2944 \
-      --predict=false --time_limit=240 2>&1 | grep -v cuda_timer \
+      "$PY" benchmarks/max_device_batch.py --sizes="${MAX_SIZES:-2816,2944}" \
+      --predict=false --time_limit=500 2>&1 | grep -v cuda_timer \
       | tee "$OUT/max_device_batch.txt"
 }
 

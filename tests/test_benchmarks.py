@@ -371,6 +371,38 @@ def test_reference_step_times_the_trainers_relu_by_default(monkeypatch,
   assert reference_step.default_relu(config) == want
 
 
+@pytest.mark.parametrize("backend,want", [
+    ("gpu", "space_to_depth"), ("cpu", "conv"), ("tpu", "conv")])
+def test_reference_step_times_the_trainers_stem_by_default(monkeypatch,
+                                                           backend, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  config = common.load_config(str(ROOT / "configs/imagenet_resnet50.py"), [])
+  assert reference_step.default_stem(config) == want
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_peaks_product_chain_keeps_its_values_in_range(dtype):
+  """Twenty products of 256 x 256 operands: entries stay of order 1 (no
+  overflow to inf, no underflow to zero, which a GPU multiplies faster)."""
+  a, b = reference_step.product_operands(jax.random.PRNGKey(0), 2, 256, dtype)
+  out = reference_step.product_chain(a, b, chain=20)
+  assert out.shape == (2, 256, 256) and out.dtype == jnp.dtype(dtype)
+  rms = float(jnp.sqrt(jnp.mean(jnp.square(out.astype(jnp.float32)))))
+  assert 0.3 < rms < 3.0, rms
+
+
+def test_the_peak_counts_every_product_of_the_chain(monkeypatch):
+  """2 n^3 FLOPs per product, `chain` products per device, over the best
+  call's seconds."""
+  from trainer import mesh as mesh_lib
+  clock = iter([0.0, 2.0, 10.0, 11.0])  # Calls of 2 s, then 1 s.
+  monkeypatch.setattr(reference_step.time, "perf_counter",
+                      lambda: next(clock))
+  mesh = mesh_lib.make_mesh()
+  peak = reference_step.matmul_peak(mesh, n=16, repeats=2, chain=3)
+  assert peak == 2.0 * 16**3 * 3 * mesh.size / 1.0
+
+
 @pytest.mark.parametrize("variances,gradients,relus,want", [
     (["one_pass"], ["explicit"], ["fused"], ["ours"]),
     (["one_pass"], ["explicit", "autodiff"], ["fused", "separate"],
@@ -384,7 +416,26 @@ def test_reference_step_rows(variances, gradients, relus, want):
   rows = reference_step.our_variants(variances, gradients, relus)
   assert [who for who, *_ in rows] == want
   assert all((relu == relus[0]) or gradient == "explicit"
-             for _, _, gradient, relu in rows)
+             for _, _, gradient, relu, _ in rows)
+  assert {stem for *_, stem in rows} == {"conv"}
+
+
+def test_reference_step_rows_per_stem():
+  rows = reference_step.our_variants(["one_pass"], ["explicit", "autodiff"],
+                                     ["fused"], ["conv", "space_to_depth"])
+  assert rows == [
+      ("ours/explicit/conv", "one_pass", "explicit", "fused", "conv"),
+      ("ours/explicit/space_to_depth", "one_pass", "explicit", "fused",
+       "space_to_depth"),
+      ("ours/autodiff/conv", "one_pass", "autodiff", "fused", "conv"),
+      ("ours/autodiff/space_to_depth", "one_pass", "autodiff", "fused",
+       "space_to_depth")]
+
+
+def test_unknown_stem_is_refused():
+  with pytest.raises(SystemExit, match="unknown --stem 'blocks'; choose from "
+                     "conv, space_to_depth"):
+    reference_step.choices("conv,blocks", reference_step.STEMS, "--stem")
 
 
 def test_negative_memory_limit_is_refused():
@@ -492,6 +543,22 @@ def test_opencv_seconds_counts_cpu_inside_opencv_only():
     sum(i * i for i in range(300_000))  # Python work: not counted.
   assert cv2.resize is original
   assert inside > 0 and opencv.seconds == inside
+
+
+def test_a_row_whose_plan_ends_early_is_refused_not_printed():
+  """A row whose examples run out before its time has a short wall time and,
+  with worker processes, loses the exited workers' CPU time (the H100's
+  array_record rows printed negative examples per CPU-second)."""
+  from benchmarks import input_pipeline
+  config = input_pipeline.synthetic_config()
+  config.dataset.update(dict(image_size=32, num_train_examples=64))
+  config.schedule.update(dict(kind="decay_lr", batch_size=16, num_epochs=1.0,
+                              milestones_epochs=()))
+  config.ghost_batch_size = 16
+  with pytest.raises(input_pipeline.RanOut,
+                     match=r"^ran out of examples after 48 in [0-9.]+ s of 60: "
+                           r"give the case more epochs$"):
+    input_pipeline.measure(config, seconds=60)
 
 
 def test_array_record_jpegs_read_through_the_trainers_source(tmp_path):

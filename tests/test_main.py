@@ -95,7 +95,8 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   workdir.mkdir()
   saved = json.loads(cifar10_increase_batch.get_config("smoke").to_json())
   saved["seed"] = 1
-  saved["model"]["bn_fuse_relu"] = False  # Recorded as resolved on the CPU.
+  # Recorded as resolved on the CPU.
+  saved["model"].update(bn_fuse_relu=False, stem_space_to_depth=False)
   (workdir / "config.json").write_text(json.dumps(saved))
   r = run_main(SMOKE, f"--workdir={workdir}")
   assert r.returncode == 2
@@ -112,7 +113,7 @@ def test_a_run_recorded_with_the_relu_fused_is_a_change_on_the_cpu(tmp_path):
   workdir = tmp_path / "w"
   workdir.mkdir()
   saved = json.loads(cifar10_increase_batch.get_config("smoke").to_json())
-  saved["model"]["bn_fuse_relu"] = True
+  saved["model"].update(bn_fuse_relu=True, stem_space_to_depth=False)
   (workdir / "config.json").write_text(json.dumps(saved))
   r = run_main(SMOKE, f"--workdir={workdir}")
   assert r.returncode == 2, r.stderr[-2000:]

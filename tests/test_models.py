@@ -262,6 +262,20 @@ def test_unset_bn_fuse_relu_is_on_for_gpus_only(monkeypatch, backend, value,
   assert models.fuse_relu(config) is (want and value is not None)
 
 
+@pytest.mark.parametrize("backend,value,want", [
+    ("cpu", None, False), ("gpu", None, True), ("tpu", None, False),
+    ("gpu", False, False), ("cpu", True, True), ("tpu", True, True)])
+def test_unset_stem_space_to_depth_is_on_for_gpus_only(monkeypatch, backend,
+                                                       value, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  config = make_config("resnet50", stem_space_to_depth=value)
+  assert models.create_model(config).stem_space_to_depth is want
+  assert config.model.stem_space_to_depth is value
+  models.resolve_platform_defaults(config)  # What the run records.
+  assert config.model.stem_space_to_depth is want
+  assert config.model.bn_fuse_relu is (backend == "gpu")
+
+
 @pytest.mark.parametrize("name,image_shape,want", [
     # (norms, with ReLU, with a residual as well): stem + 16 bottlenecks of
     # three norms, the last taking the skip, + 4 projections.

@@ -26,6 +26,28 @@ def test_a_field_added_since_the_run_at_its_default_is_no_difference():
   assert workdir_lib.config_differences(saved, _json(config)) == ["seed (0 → 3)"]
 
 
+@pytest.mark.parametrize("resolved,differ", [
+    (False, []),
+    (True, ["model.stem_space_to_depth (None → True)"]),
+])
+def test_a_run_recorded_before_the_blocked_stem_trained_without_it(resolved,
+                                                                   differ):
+  """Unset, the field is resolved for the platform before the record is
+  compared; a record from before the field trained the plain stem conv: the
+  same on the CPU and TPUs, another config on a GPU."""
+  config = base.get_base_config()
+  saved = _json(config)
+  del saved["model"]["stem_space_to_depth"]
+  config.model.stem_space_to_depth = resolved
+  assert workdir_lib.config_differences(saved, _json(config)) == differ
+  # Another field added later at False is still named (False is not its
+  # default, None).
+  del saved["model"]["bn_fuse_relu"]
+  config.model.bn_fuse_relu = False
+  assert workdir_lib.config_differences(saved, _json(config)) == sorted(
+      differ + ["model.bn_fuse_relu (None → False)"])
+
+
 def test_a_removed_field_is_a_difference():
   config = base.get_base_config()
   saved = _json(config)

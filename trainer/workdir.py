@@ -119,18 +119,29 @@ def without_host_fields(config) -> str:
                     sort_keys=True)
 
 
+# Fields added after runs were recorded whose default is left unset for the
+# platform to choose, each with what runs recorded without it trained with.
+ADDED_UNSET_FIELDS = {"model.stem_space_to_depth": False}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """`field (old → new)` for every field that differs, sorted.
 
   A field that `saved` lacks and `current` holds at configs/base.py's default
-  is no difference: a later version of this code added it, and its default
-  is what the saved run trained with.
+  (or, for ADDED_UNSET_FIELDS, at the value it names) is no difference: a
+  later version of this code added it, and that value is what the saved run
+  trained with.
   """
   a, b = _flatten(saved), _flatten(current)
   defaults = _flatten(json.loads(base_config.get_base_config().to_json()))
+
+  def added_as_trained(k):
+    return k not in a and k in defaults and (
+        b[k] == defaults[k]
+        or (k in ADDED_UNSET_FIELDS and b[k] == ADDED_UNSET_FIELDS[k]))
   return [f"{k} ({a.get(k)!r} → {b.get(k)!r})"
-          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
-          and not (k not in a and k in defaults and b[k] == defaults[k])]
+          for k in sorted(a.keys() | b.keys())
+          if a.get(k) != b.get(k) and not added_as_trained(k)]
 
 
 def training_differences(a: dict, b: dict) -> list[str]:
