@@ -5,12 +5,13 @@ batch, same mesh; plus model-FLOPs utilisation.
         [--image_size=64] [--batch_size=64] [--devices=8] [--steps=5] \
         [--dtype=float32] [--peak_size=1024] \
         [--bn_variance=one_pass,two_pass] [--bn_gradient=explicit,autodiff] \
-        [--bn_relu=fused,separate] [--in_flight=2] \
+        [--bn_relu=fused,separate] [--stem=conv,space_to_depth] \
+        [--in_flight=2] \
         [--cross] [--profile_steps=3] [--ops_json=ops.json]
 
 On one GPU, the figure the performance issue asks for (bf16, 224 px;
-`benchmarks/gpu_figures.sh` runs it with both batch norm gradients, both
-places of the ReLU and a profile, and `--cross` with CROSS=1):
+`benchmarks/gpu_figures.sh` runs it with the GPUs' batch norm, both forms
+of the stem's convolution and a profile, and `--cross` with CROSS=1):
 
     JAX_PLATFORMS=cuda python benchmarks/reference_step.py --models=resnet50 \
         --image_size=224 --batch_size=256 --ghost_batch_size=32 \
@@ -36,9 +37,11 @@ time behind the device's work.
 FLOPs per step come from XLA's cost analysis of the unpartitioned step
 (`Lowered.cost_analysis()`; a GPU backend has none, and the compiled GPU
 program's analysis leaves out the cuDNN convolutions, so there a CPU child
-process counts the same step); the peak is measured in the same run as the
-best of a few `--dtype` matmuls sharded over the same devices (one per device),
-so MFU = achieved FLOP/s / measured matmul FLOP/s on this machine.
+process counts the same step; with `--stem=space_to_depth` it counts the
+blocks' zero channels too, 1.5% more for ResNet-50); the peak is measured in
+the same run as the best of five calls of ten chained `--dtype` matmuls
+sharded over the same devices (one chain per device), so MFU = achieved
+FLOP/s / measured matmul FLOP/s on this machine.
 """
 from __future__ import annotations
 

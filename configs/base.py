@@ -89,8 +89,9 @@ def get_base_config() -> config_dict.ConfigDict:
       # README, "Performance on one GPU").
       bn_fuse_relu=placeholder(bool),
       # ResNet-50's 7x7/2 stem conv over 3 channels computed as a 4x4/1
-      # conv over 2x2 blocks of pixels, 12 channels (models/space_to_depth.py):
-      # the same parameter, outputs to float rounding. None: on for GPUs
+      # conv over 2x2 blocks of pixels, 12 channels padded to 16
+      # (models/space_to_depth.py): the same parameter, outputs to float
+      # rounding. None: on for GPUs
       # (ResNet-50 ran 5% more examples/s with it on an H100), off on the
       # CPU and TPUs (untimed there; README, "Performance on one GPU").
       stem_space_to_depth=placeholder(bool),

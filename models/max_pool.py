@@ -8,9 +8,9 @@ B=256, 3.6 GB read and written per step (`benchmarks/gpu_program.py`).
 
 `max_pool` here keeps the position of each window's maximum from the
 forward pass, as an int8 offset within the window, and writes the gradient
-as a sum of the output's gradient placed at each offset (`lax.pad` with
-interior padding), which XLA fuses into one pass that reads the output's
-gradient and the offsets and writes the input's.
+per phase of the stride (`_backward`): one pass that reads the output's
+gradient and the offsets and writes the input's, which XLA:GPU fuses into
+the kernel that consumes it (ResNet-50's stem norm's backward pass).
 
 Values and gradients are nn.max_pool's: the first maximum of a window in
 row-major order takes the gradient, as XLA's select-and-scatter with `>=`
