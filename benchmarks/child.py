@@ -11,12 +11,15 @@ import json
 import os
 import subprocess
 import sys
+from typing import Sequence
 
 
 def run(script: str, child_argument: str, devices, what: str,
-        xla_flags: str = "", platforms: str | None = None):
-  """What `script` re-run with `child_argument` on `devices` virtual CPU
-  devices (and `xla_flags`) prints as its last line, as JSON; exits with the
+        xla_flags: str = "", platforms: str | None = None,
+        extra_args: Sequence[str] = ()):
+  """What `script` re-run with `child_argument` and this process's arguments
+  (then `extra_args`, which win over them) on `devices` virtual CPU devices
+  (and `xla_flags`) prints as its last line, as JSON; exits with the
   child's stderr tail if it fails. The child keeps this process's XLA_FLAGS,
   placed first so that `devices` and `xla_flags` win over them (XLA takes
   the last of a repeated flag). JAX_PLATFORMS is `platforms`, or this
@@ -26,7 +29,8 @@ def run(script: str, child_argument: str, devices, what: str,
                         f"--xla_force_host_platform_device_count={devices} "
                         f"{xla_flags}"),
              JAX_PLATFORMS=platforms or os.environ.get("JAX_PLATFORMS", "cpu"))
-  out = subprocess.run([sys.executable, script, child_argument, *sys.argv[1:]],
+  out = subprocess.run([sys.executable, script, child_argument, *sys.argv[1:],
+                        *extra_args],
                        env=env, capture_output=True, text=True)
   if out.returncode:
     sys.exit(f"benchmark child for {what} failed:\n{out.stderr[-3000:]}")

@@ -23,9 +23,9 @@
 #      activation, without the ReLU inside: 39.25 and 79.06).
 #      MEM_FRACTION (default 0.9) sets XLA_PYTHON_CLIENT_MEM_FRACTION:
 #      0.51 leaves an H200 an H100's 71.3 GiB for arrays. MAX_SIZES (default
-#      2816,2944) picks the sizes. Compiling 2,816 on an H100, cuDNN's
-#      autotuning included, took over 290 s (fifth session): the part has a
-#      call to itself.
+#      2816,2944) picks the sizes. Compiling 2,816 on an H100 took over
+#      290 s (fifth session; cuDNN's autotuning, probably, most of it): the
+#      part has a call to itself.
 #   4. Stage switches and second-launch compile time of the smoke config.
 #   5. An ImageNet batch put as float32 normalised on the host against uint8
 #      normalised on the device.
@@ -175,7 +175,8 @@ sys.stdout.buffer.write(config if isinstance(config, bytes) else config.encode()
   # Compile-only, as on the CPU (no GPU runtime in these processes).
   JAX_PLATFORMS=cpu timeout 300 "$PY" benchmarks/gpu_program.py \
       --gpu="$OUT/target_config.txtpb" \
-      --bn_gradient=explicit,autodiff --bn_relu=fused,separate "${profile[@]}" \
+      --bn_gradient=explicit --bn_relu=fused --stem=conv,space_to_depth \
+      "${profile[@]}" \
       --json="$OUT/gpu_program.json" 2>&1 \
       | grep -v "^[WI][0-9]" | tee "$OUT/gpu_program.txt"
   # Part 3's sizes compiled for this GPU's own description: XLA's estimates

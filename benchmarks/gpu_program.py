@@ -3,6 +3,7 @@
     python benchmarks/gpu_program.py [--models=resnet50] [--image_size=224] \
         [--batch_size=256] [--ghost_batch_size=32] [--dtype=bfloat16] \
         [--bn_gradient=explicit,autodiff] [--bn_relu=separate,fused] \
+        [--stem=conv,space_to_depth] \
         [--gpu=benchmarks/gpu_specs/h100_sxm.txtpb] [--families=12] \
         [--hlo_dir=DIR] [--json=FILE] [--profile=OPS_JSON]
 
@@ -206,7 +207,7 @@ def compile_only_mesh(gpu_spec: str, arrays_gib: float | None = None):
 
 def compile_steps(name: str, args, mesh) -> dict:
   """{trainer: compiled step} for model `name`: ours once per
-  --bn_gradient and --bn_relu, and the reference, all for `mesh`."""
+  --bn_gradient, --bn_relu and --stem, and the reference, all for `mesh`."""
   import jax
   import jax.numpy as jnp
 
@@ -309,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
                  help=f"comma-separated: {', '.join(ref_lib.BN_GRADIENTS)}")
   p.add_argument("--bn_relu", default="separate,fused",
                  help=f"comma-separated: {', '.join(ref_lib.BN_RELUS)}")
-  p.add_argument("--stem", default="conv",
+  p.add_argument("--stem", default="conv,space_to_depth",
                  help=f"comma-separated: {', '.join(ref_lib.STEMS)}")
   p.add_argument("--gpu", default=os.path.join(SPECS, "h100_sxm.txtpb"),
                  help="the GPU's description (text GpuTargetConfigProto)")

@@ -420,8 +420,30 @@ def measure(name, args):
                      image_size=config.dataset.image_size, batch_size=b,
                      step_seconds=s, examples_per_second=b / s,
                      step_flops=flops[who], peak_flops=peak,
-                     ops=ops.get(who)))
+                     ops=ops.get(who), **variant_flags(ours.get(who))))
   return rows
+
+
+def variant_flags(our_row) -> dict:
+  """{'bn_relu': ..., 'stem': ...}: the BN_RELUS and STEMS values an `ours`
+  entry of `build` ran (its platform's defaults resolved); {} for None (a
+  reference row)."""
+  if our_row is None:
+    return {}
+  m = our_row[0].model
+  return dict(bn_relu="fused" if m.bn_fuse_relu else "separate",
+              stem="space_to_depth" if m.stem_space_to_depth else "conv")
+
+
+def flops_child_flags(rows) -> list[str]:
+  """--bn_relu and --stem as the measured `rows` ran them: a FLOPs child on
+  the CPU would otherwise resolve unset ones for the CPU, not the GPU."""
+  flags = []
+  for key in ("bn_relu", "stem"):
+    values = dict.fromkeys(r[key] for r in rows if key in r)
+    if values:
+      flags.append(f"--{key}={','.join(values)}")
+  return flags
 
 
 class _Runner:
@@ -456,8 +478,9 @@ def matmul_peak(mesh, dtype="float32", n=1024, repeats=5, chain=10) -> float:
   one program, all devices at once, over `repeats` calls.
 
   One program of many products: the host's dispatch and wait, timed with
-  them, are then a small part of the time (a single 8192^3 product, 1.5 ms
-  on an H100, read 614 and 717 TFLOP/s in two calls on one machine)."""
+  them, are then a small part of the time, and each sample is longer (a
+  single 8192^3 product, 1.5-1.8 ms on an H100, read 614 and 717 TFLOP/s in
+  two calls on one machine, the first just after it started)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -579,7 +602,8 @@ def main():
     measured = child.run(__file__, f"--child={name}", a.devices, name)
     if any(r["step_flops"] is None for r in measured):
       flops = child.run(__file__, f"--flops_child={name}", a.devices,
-                        f"{name} (FLOPs on the CPU)", platforms="cpu")
+                        f"{name} (FLOPs on the CPU)", platforms="cpu",
+                        extra_args=flops_child_flags(measured))
       for r in measured:
         r["step_flops"] = flops[r["trainer"]]
     rows += measured

@@ -56,6 +56,10 @@ def create_model(config) -> nn.Module:
   if config.dataset.num_classes < 2:
     raise ValueError(f"dataset.num_classes must be at least 2, got "
                      f"{config.dataset.num_classes}")
+  if m.stem_space_to_depth and m.name != "resnet50":
+    raise ValueError(
+        f"model.stem_space_to_depth applies to resnet50's 7x7/2 stem; "
+        f"{m.name} has none: leave it unset or false")
   ghost_batch_size = config.ghost_batch_size
   if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
     raise ValueError(
@@ -97,13 +101,14 @@ def fuse_relu(config, backend: str | None = None) -> bool:
 
 
 def stem_space_to_depth(config, backend: str | None = None) -> bool:
-  """`config.model.stem_space_to_depth`, or where unset: True on GPUs, where
-  ResNet-50's step ran 5% more examples/s with it on an H100; False
-  elsewhere (untimed on TPUs; the CPU trains no ImageNet model). `backend`:
-  as fuse_relu's."""
+  """`config.model.stem_space_to_depth`, or where unset: True for ResNet-50
+  on GPUs, where its step ran 5% more examples/s with it on an H100; False
+  elsewhere (untimed on the CPU and TPUs) and for the other models, which
+  have no 7x7/2 stem. `backend`: as fuse_relu's."""
   value = config.model.stem_space_to_depth
   if value is None:
-    return (backend or jax.default_backend()) == "gpu"
+    return (config.model.name == "resnet50"
+            and (backend or jax.default_backend()) == "gpu")
   return value
 
 

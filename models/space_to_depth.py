@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Channels of the blocks are padded to a multiple of this: bf16 convolutions
-# use a GPU's tensor cores when their channels are multiples of 8 (XLA did
-# not pad 12 channels itself, compiling for an H100).
+# Channels of the blocks are padded to a multiple of this: cuDNN's bf16
+# tensor-core convolutions want channel counts that are multiples of 8.
 CHANNEL_MULTIPLE = 8
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import models
 from benchmarks import child, common, max_device_batch, reference_step
 from benchmarks import steps_in_flight, trace_ops
 from tests import xla_flags
@@ -418,6 +419,28 @@ def test_reference_step_rows(variances, gradients, relus, want):
   assert all((relu == relus[0]) or gradient == "explicit"
              for _, _, gradient, relu, _ in rows)
   assert {stem for *_, stem in rows} == {"conv"}
+
+
+def test_the_flops_child_counts_the_variants_the_gpu_ran(monkeypatch):
+  """On a GPU, FLOPs are counted by a child on the CPU, where unset fields
+  resolve to other variants (separate ReLU, plain stem): the measured rows'
+  variants are passed to it, after the user's flags, so that they win."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  config = common.load_config(str(ROOT / "configs/imagenet_resnet50.py"), [])
+  models.resolve_platform_defaults(config)
+  assert reference_step.variant_flags((config,)) == dict(
+      bn_relu="fused", stem="space_to_depth")
+  rows = [dict(trainer="ours", bn_relu="fused", stem="space_to_depth"),
+          dict(trainer="reference")]
+  flags = reference_step.flops_child_flags(rows)
+  assert flags == ["--bn_relu=fused", "--stem=space_to_depth"]
+  args = reference_step.parser().parse_args(["--bn_relu=", "--stem=", *flags])
+  assert (args.bn_relu, args.stem) == ("fused", "space_to_depth")
+  rows = [dict(trainer="ours/conv", bn_relu="fused", stem="conv"),
+          dict(trainer="ours/space_to_depth", bn_relu="fused",
+               stem="space_to_depth"), dict(trainer="reference")]
+  assert reference_step.flops_child_flags(rows) == [
+      "--bn_relu=fused", "--stem=conv,space_to_depth"]
 
 
 def test_reference_step_rows_per_stem():

@@ -217,6 +217,15 @@ def test_bad_wide_resnet_depth_is_rejected():
     models.create_model(make_config("wide_resnet", depth=18))
 
 
+@pytest.mark.parametrize("name", ["small_resnet", "wide_resnet",
+                                  "inception_resnet_v2"])
+def test_the_blocked_stem_is_refused_for_models_without_its_stem(name):
+  with pytest.raises(ValueError, match=(
+      f"^model.stem_space_to_depth applies to resnet50's 7x7/2 stem; {name} "
+      "has none: leave it unset or false$")):
+    models.create_model(make_config(name, stem_space_to_depth=True))
+
+
 @pytest.mark.parametrize("ghost_batch_size", [0, -4])
 def test_bad_ghost_batch_size_is_rejected(ghost_batch_size):
   config = fashion_mnist_config()
@@ -274,6 +283,17 @@ def test_unset_stem_space_to_depth_is_on_for_gpus_only(monkeypatch, backend,
   models.resolve_platform_defaults(config)  # What the run records.
   assert config.model.stem_space_to_depth is want
   assert config.model.bn_fuse_relu is (backend == "gpu")
+
+
+@pytest.mark.parametrize("name", ["small_resnet", "wide_resnet",
+                                  "inception_resnet_v2"])
+def test_unset_stem_space_to_depth_is_off_for_models_without_that_stem(
+    monkeypatch, name):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  config = make_config(name)
+  models.resolve_platform_defaults(config)
+  assert config.model.stem_space_to_depth is False
+  models.create_model(config)  # The recorded value builds the model.
 
 
 @pytest.mark.parametrize("name,image_shape,want", [

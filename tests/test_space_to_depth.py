@@ -62,6 +62,21 @@ def test_parameter_values_and_gradients_are_the_plain_convs(shape, k, s,
   np.testing.assert_allclose(gx, dx, rtol=1e-4, atol=1e-4)
 
 
+def test_in_bfloat16_the_stem_is_the_plain_convs_to_its_rounding():
+  """As ResNet-50 runs it on a GPU: bf16 inputs and kernel."""
+  shape, k, s, padding = CONVS[0]
+  x = jax.random.normal(jax.random.key(1), shape)
+  plain, blocked = both(shape, k, s, padding)
+  plain, blocked = plain.clone(dtype=jnp.bfloat16), blocked.clone(
+      dtype=jnp.bfloat16)
+  variables = plain.init(jax.random.key(0), x)
+  want, got = (jax.jit(m.apply)(variables, x) for m in (plain, blocked))
+  assert got.dtype == want.dtype == jnp.bfloat16
+  error = jnp.linalg.norm((got - want).astype(jnp.float32)) / jnp.linalg.norm(
+      want.astype(jnp.float32))
+  assert error < 1e-2, error
+
+
 def test_blocks_of_the_resnet_stem_have_channels_padded_to_eight():
   """3 channels in 2x2 blocks are 12, padded with zeros to 16 for the
   tensor cores: a 4x4/1 convolution."""

@@ -28,23 +28,26 @@ def test_a_field_added_since_the_run_at_its_default_is_no_difference():
 
 @pytest.mark.parametrize("resolved,differ", [
     (False, []),
-    (True, ["model.stem_space_to_depth (None → True)"]),
+    (True, ["model.stem_space_to_depth (False → True)"]),
 ])
 def test_a_run_recorded_before_the_blocked_stem_trained_without_it(resolved,
                                                                    differ):
   """Unset, the field is resolved for the platform before the record is
   compared; a record from before the field trained the plain stem conv: the
-  same on the CPU and TPUs, another config on a GPU."""
+  same on the CPU and TPUs, another config on a GPU; either way round (a
+  report compares two records)."""
   config = base.get_base_config()
-  saved = _json(config)
-  del saved["model"]["stem_space_to_depth"]
+  old = _json(config)
+  del old["model"]["stem_space_to_depth"]
   config.model.stem_space_to_depth = resolved
-  assert workdir_lib.config_differences(saved, _json(config)) == differ
+  assert workdir_lib.config_differences(old, _json(config)) == differ
+  assert workdir_lib.config_differences(_json(config), old) == [
+      d.replace("False → True", "True → False") for d in differ]
   # Another field added later at False is still named (False is not its
   # default, None).
-  del saved["model"]["bn_fuse_relu"]
+  del old["model"]["bn_fuse_relu"]
   config.model.bn_fuse_relu = False
-  assert workdir_lib.config_differences(saved, _json(config)) == sorted(
+  assert workdir_lib.config_differences(old, _json(config)) == sorted(
       differ + ["model.bn_fuse_relu (None → False)"])
 
 

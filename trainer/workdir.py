@@ -128,20 +128,19 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   """`field (old → new)` for every field that differs, sorted.
 
   A field that `saved` lacks and `current` holds at configs/base.py's default
-  (or, for ADDED_UNSET_FIELDS, at the value it names) is no difference: a
-  later version of this code added it, and that value is what the saved run
-  trained with.
+  is no difference: a later version of this code added it, and its default
+  is what the saved run trained with. A record without one of
+  ADDED_UNSET_FIELDS, `saved` or `current`, is read as holding the value
+  named there.
   """
   a, b = _flatten(saved), _flatten(current)
+  for tree in (a, b):
+    for k, trained in ADDED_UNSET_FIELDS.items():
+      tree.setdefault(k, trained)
   defaults = _flatten(json.loads(base_config.get_base_config().to_json()))
-
-  def added_as_trained(k):
-    return k not in a and k in defaults and (
-        b[k] == defaults[k]
-        or (k in ADDED_UNSET_FIELDS and b[k] == ADDED_UNSET_FIELDS[k]))
   return [f"{k} ({a.get(k)!r} → {b.get(k)!r})"
-          for k in sorted(a.keys() | b.keys())
-          if a.get(k) != b.get(k) and not added_as_trained(k)]
+          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+          and not (k not in a and k in defaults and b[k] == defaults[k])]
 
 
 def training_differences(a: dict, b: dict) -> list[str]:
