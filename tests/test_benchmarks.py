@@ -443,6 +443,34 @@ def test_the_flops_child_counts_the_variants_the_gpu_ran(monkeypatch):
       "--bn_relu=fused", "--stem=conv,space_to_depth"]
 
 
+def test_max_device_batch_compiles_for_a_gpu_what_the_trainer_runs_there(
+    monkeypatch):
+  """--gpu compiles on this CPU, where unset fields would resolve for the
+  CPU: the config it compiles has the GPUs' values (the ReLU inside the
+  norm's gradient, the stem over blocks)."""
+  from benchmarks import gpu_program
+  compiled = []
+
+  class Compiled(Exception):
+    pass
+
+  def compile_only(a, config, description):
+    compiled.append(config)
+    raise Compiled
+
+  monkeypatch.setattr(gpu_program, "plugin_found", lambda: True)
+  monkeypatch.setattr(max_device_batch, "_compile_only", compile_only)
+  monkeypatch.setattr(sys, "argv", [
+      "max_device_batch.py", f"--gpu={ROOT}/benchmarks/gpu_specs/h100_sxm.txtpb",
+      "--sizes=256"])
+  with pytest.raises(Compiled):
+    max_device_batch.main()
+  (config,) = compiled
+  assert config.model.name == "resnet50"
+  assert config.model.bn_fuse_relu is True
+  assert config.model.stem_space_to_depth is True
+
+
 def test_reference_step_rows_per_stem():
   rows = reference_step.our_variants(["one_pass"], ["explicit", "autodiff"],
                                      ["fused"], ["conv", "space_to_depth"])
