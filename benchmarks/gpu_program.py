@@ -224,7 +224,7 @@ def compile_steps(name: str, args, mesh) -> dict:
   compiled = {}
   for who, *variant in ref_lib.our_variants(
       ["one_pass"], args.bn_gradient.split(","), args.bn_relu.split(","),
-      args.stem.split(",")):
+      ref_lib.model_stems(config, args.stem.split(","))):
     ref_lib.set_variant(config, *variant)
     model = models.create_model(config)
     tx = common.optimizer(config)

@@ -168,13 +168,14 @@ def build(name, args, compile_steps: bool = True) -> dict:
             if compile_steps else None)
     return tx, step, state
 
-  # Ours, once per batch norm variance, gradient and ReLU asked for (the
-  # ReLU's place matters only to the written-out gradient).
+  # Ours, once per batch norm variance, gradient, ReLU and stem asked for
+  # (the ReLU's place matters only to the written-out gradient).
   variances = choices(args.bn_variance, BN_VARIANCES, "--bn_variance")
   gradients = choices(args.bn_gradient, BN_GRADIENTS, "--bn_gradient")
-  relus = choices(args.bn_relu or default_relu(config), BN_RELUS,
-                  "--bn_relu")
-  stems = choices(args.stem or default_stem(config), STEMS, "--stem")
+  trainers = platform_variant(config)
+  relus = choices(args.bn_relu or trainers["bn_relu"], BN_RELUS, "--bn_relu")
+  stems = model_stems(config, choices(args.stem or trainers["stem"], STEMS,
+                                      "--stem"))
   ours = {}  # trainer name: (config, model, tx, compiled step, state)
   for who, *variant in our_variants(variances, gradients, relus, stems):
     set_variant(config, *variant)
@@ -198,16 +199,19 @@ def build(name, args, compile_steps: bool = True) -> dict:
               refs=refs)
 
 
-def default_relu(config) -> str:
-  """The BN_RELUS row the trainer would run on this platform."""
+def platform_variant(config) -> dict:
+  """{'bn_relu': ..., 'stem': ...}: the BN_RELUS and STEMS values `config`
+  runs on this platform, its unset fields resolved as the trainer would."""
   import models
-  return "fused" if models.fuse_relu(config) else "separate"
+  return dict(
+      bn_relu="fused" if models.fuse_relu(config) else "separate",
+      stem="space_to_depth" if models.stem_space_to_depth(config) else "conv")
 
 
-def default_stem(config) -> str:
-  """The STEMS row the trainer would run on this platform."""
-  import models
-  return "space_to_depth" if models.stem_space_to_depth(config) else "conv"
+def model_stems(config, stems: list[str]) -> list[str]:
+  """`stems` for ResNet-50; ["conv"] for the other models, which have no
+  7x7/2 stem (the blocked one is refused for them)."""
+  return stems if config.model.name == "resnet50" else ["conv"]
 
 
 def set_variant(config, variance: str, gradient: str, relu: str,
@@ -420,19 +424,10 @@ def measure(name, args):
                      image_size=config.dataset.image_size, batch_size=b,
                      step_seconds=s, examples_per_second=b / s,
                      step_flops=flops[who], peak_flops=peak,
-                     ops=ops.get(who), **variant_flags(ours.get(who))))
+                     ops=ops.get(who),
+                     **(platform_variant(ours[who][0]) if who in ours
+                        else {})))
   return rows
-
-
-def variant_flags(our_row) -> dict:
-  """{'bn_relu': ..., 'stem': ...}: the BN_RELUS and STEMS values an `ours`
-  entry of `build` ran (its platform's defaults resolved); {} for None (a
-  reference row)."""
-  if our_row is None:
-    return {}
-  m = our_row[0].model
-  return dict(bn_relu="fused" if m.bn_fuse_relu else "separate",
-              stem="space_to_depth" if m.stem_space_to_depth else "conv")
 
 
 def flops_child_flags(rows) -> list[str]:

@@ -91,9 +91,9 @@ def get_base_config() -> config_dict.ConfigDict:
       # ResNet-50's 7x7/2 stem conv over 3 channels computed as a 4x4/1
       # conv over 2x2 blocks of pixels, 12 channels padded to 16
       # (models/space_to_depth.py): the same parameter, outputs to float
-      # rounding. None: on for GPUs
-      # (ResNet-50 ran 5% more examples/s with it on an H100), off on the
-      # CPU and TPUs (untimed there; README, "Performance on one GPU").
+      # rounding. None: on for ResNet-50 on GPUs (5% more examples/s on an
+      # H100), off on the CPU and TPUs (untimed there) and for the other
+      # models, which have no such stem (README, "Performance on one GPU").
       stem_space_to_depth=placeholder(bool),
       dtype="float32",  # Compute dtype; parameters stay float32.
   ))

@@ -369,7 +369,7 @@ def test_reference_step_times_the_trainers_relu_by_default(monkeypatch,
                                                            backend, want):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   config = common.load_config(str(ROOT / "configs/imagenet_resnet50.py"), [])
-  assert reference_step.default_relu(config) == want
+  assert reference_step.platform_variant(config)["bn_relu"] == want
 
 
 @pytest.mark.parametrize("backend,want", [
@@ -378,7 +378,7 @@ def test_reference_step_times_the_trainers_stem_by_default(monkeypatch,
                                                            backend, want):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   config = common.load_config(str(ROOT / "configs/imagenet_resnet50.py"), [])
-  assert reference_step.default_stem(config) == want
+  assert reference_step.platform_variant(config)["stem"] == want
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -428,7 +428,7 @@ def test_the_flops_child_counts_the_variants_the_gpu_ran(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   config = common.load_config(str(ROOT / "configs/imagenet_resnet50.py"), [])
   models.resolve_platform_defaults(config)
-  assert reference_step.variant_flags((config,)) == dict(
+  assert reference_step.platform_variant(config) == dict(
       bn_relu="fused", stem="space_to_depth")
   rows = [dict(trainer="ours", bn_relu="fused", stem="space_to_depth"),
           dict(trainer="reference")]
@@ -469,6 +469,17 @@ def test_max_device_batch_compiles_for_a_gpu_what_the_trainer_runs_there(
   assert config.model.name == "resnet50"
   assert config.model.bn_fuse_relu is True
   assert config.model.stem_space_to_depth is True
+
+
+def test_the_stem_flag_leaves_the_small_model_as_it_is():
+  """--stem picks ResNet-50's stem; the small model, which has none, runs
+  its one row (the blocked stem would be refused for it)."""
+  args = reference_step.parser().parse_args(
+      ["--models=small", "--batch_size=16", "--ghost_batch_size=8",
+       "--stem=conv,space_to_depth"])
+  built = reference_step.build("small", args, compile_steps=False)
+  assert list(built["ours"]) == ["ours"]
+  assert built["ours"]["ours"][0].model.stem_space_to_depth is False
 
 
 def test_reference_step_rows_per_stem():
